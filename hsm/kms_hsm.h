@@ -1,0 +1,157 @@
+/*
+ * hsm/: everything kmsd does with the HSM, through PKCS#11 loaded by p11-kit.
+ * No CK_* type leaves this layer, and nothing here knows about key names:
+ * callers name version secrets by an opaque 16-byte uid.
+ *
+ * Objects:
+ *  - master keys: AES-256 token objects (CKA_TOKEN, CKA_SENSITIVE, not
+ *    CKA_EXTRACTABLE, CKA_WRAP/CKA_UNWRAP only), named by a random 16-byte
+ *    CKA_ID that the caller records in LMDB. Handles are cached and re-found
+ *    on CKR_OBJECT_HANDLE_INVALID; the token is never searched on the hot
+ *    path.
+ *  - version secrets: AES-256 (encrypt purpose) or 32-byte generic secrets
+ *    (HMAC-SHA-256), generated in the HSM and only ever held outside it
+ *    wrapped under a master key with CKM_AES_KEY_WRAP_PAD (RFC 5649). On
+ *    first use they are unwrapped into sensitive, non-extractable session
+ *    objects whose handles live in a bounded LRU cache keyed by uid; an
+ *    evicted entry's object is destroyed.
+ *
+ * Thread safety: every function may be called from any number of threads.
+ * Errors: every CK_RV is translated once, at the seam (hsm/kms_p11.c), to the
+ * project's error table; transient ones (session lost, device removed, busy)
+ * trigger recovery: the pool is dropped and re-initialised with back-off and
+ * handles are re-found, without a restart.
+ */
+#ifndef KMS_HSM_H
+#define KMS_HSM_H
+
+#include "kms_buf.h"
+#include "kms_hash.h"
+#include "kms_result.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define KMS_HSM_ID_BYTES    16 /* CKA_ID of a master key */
+#define KMS_HSM_UID_BYTES   16 /* caller's id of a version secret (cache key) */
+#define KMS_HSM_NONCE_BYTES 12
+#define KMS_HSM_TAG_BYTES   16
+#define KMS_HSM_MAC_BYTES   32
+/* Wrapped blob of a 32-byte secret under AES key wrap with padding is 40
+ * bytes; leave room for HSMs that add framing. */
+#define KMS_HSM_WRAPPED_MAX_BYTES 512
+
+typedef struct kms_hsm kms_hsm;
+
+typedef struct {
+    /* p11-kit module name (as in p11-kit's config) or an absolute path. */
+    const char *module;
+    /* RFC 7512 PKCS#11 URI naming the token, e.g. "pkcs11:token=kmsd".
+     * A URI carrying pin-value or pin-source is refused (KMS_ERR_CONFIG). */
+    const char *token_uri;
+    /* Exactly one of these supplies the user PIN. The file must not be
+     * group- or world-readable. The environment variable is unset after it
+     * has been read. The PIN is wiped right after C_Login. */
+    const char *pin_file;
+    const char *pin_env;
+    /* Sessions in the pool (default 4). */
+    unsigned pool_size;
+    /* Unwrapped version secrets kept as session objects (default 4096). */
+    size_t cache_capacity;
+} kms_hsm_config;
+
+KMS_RESULT kms_hsm_open(const kms_hsm_config *cfg, kms_hsm **out);
+void kms_hsm_close(kms_hsm *hsm);
+
+/* ---- master keys (tier 1) ---- */
+
+/* Generates a new master key on the token with a fresh random CKA_ID. */
+KMS_RESULT kms_hsm_master_create(kms_hsm *hsm, uint8_t id_out[KMS_HSM_ID_BYTES]);
+KMS_RESULT kms_hsm_master_exists(kms_hsm *hsm, const uint8_t id[KMS_HSM_ID_BYTES], bool *exists);
+KMS_RESULT kms_hsm_master_destroy(kms_hsm *hsm, const uint8_t id[KMS_HSM_ID_BYTES]);
+/* Lists the CKA_IDs of every kmsd master key on the token (start-up check
+ * only: this searches the token). Caller frees *ids with free(). */
+KMS_RESULT kms_hsm_master_list(kms_hsm *hsm, uint8_t (**ids)[KMS_HSM_ID_BYTES], size_t *count);
+
+/* ---- version secrets (tier 2) ---- */
+
+typedef enum {
+    KMS_HSM_SECRET_AES256 = 1,  /* AES-256-GCM via C_Encrypt/C_Decrypt */
+    KMS_HSM_SECRET_HMAC256 = 2, /* HMAC-SHA-256 via C_Sign */
+} kms_hsm_secret_type;
+
+/* What the caller knows of a version secret. */
+typedef struct {
+    uint8_t uid[KMS_HSM_UID_BYTES];
+    uint8_t master_id[KMS_HSM_ID_BYTES];
+    kms_hsm_secret_type type;
+    const uint8_t *wrapped;
+    size_t wrapped_len;
+} kms_hsm_key_ref;
+
+/* Generates a secret inside the HSM and appends it, wrapped under the
+ * master key, to wrapped_out. The clear secret never leaves the HSM. */
+KMS_RESULT kms_hsm_secret_generate(kms_hsm *hsm, const uint8_t master_id[KMS_HSM_ID_BYTES],
+                                   kms_hsm_secret_type type, kms_buf *wrapped_out);
+/* Unwraps ref's blob under its master and wraps it under new_master_id,
+ * inside the HSM; appends the new blob to wrapped_out. */
+KMS_RESULT kms_hsm_secret_rewrap(kms_hsm *hsm, const kms_hsm_key_ref *ref,
+                                 const uint8_t new_master_id[KMS_HSM_ID_BYTES],
+                                 kms_buf *wrapped_out);
+/* Drops the cached session object of uid, if any (destroy, disable). */
+void kms_hsm_cache_evict(kms_hsm *hsm, const uint8_t uid[KMS_HSM_UID_BYTES]);
+
+/* ---- operations ---- */
+
+/* AES-256-GCM, 96-bit nonce, 128-bit tag. out receives pt_len + 16 bytes:
+ * ciphertext then tag. */
+KMS_RESULT kms_hsm_aead_encrypt(kms_hsm *hsm, const kms_hsm_key_ref *ref,
+                                const uint8_t nonce[KMS_HSM_NONCE_BYTES], const uint8_t *aad,
+                                size_t aad_len, const uint8_t *pt, size_t pt_len, uint8_t *out);
+/* in is ciphertext then tag (in_len >= 16); out receives in_len - 16 bytes.
+ * A tag mismatch gives KMS_ERR_TOKEN_INVALID and writes nothing to out. */
+KMS_RESULT kms_hsm_aead_decrypt(kms_hsm *hsm, const kms_hsm_key_ref *ref,
+                                const uint8_t nonce[KMS_HSM_NONCE_BYTES], const uint8_t *aad,
+                                size_t aad_len, const uint8_t *in, size_t in_len, uint8_t *out);
+/* HMAC-SHA-256 over the concatenation of parts. */
+KMS_RESULT kms_hsm_mac_sign(kms_hsm *hsm, const kms_hsm_key_ref *ref, const kms_iov *parts,
+                            size_t count, uint8_t out[KMS_HSM_MAC_BYTES]);
+/* The HSM's RNG (C_GenerateRandom): data keys come from here. */
+KMS_RESULT kms_hsm_random(kms_hsm *hsm, uint8_t *out, size_t n);
+/* A real, cheap HSM operation for readiness checks. */
+KMS_RESULT kms_hsm_ping(kms_hsm *hsm);
+
+/* ---- token set-up (development and tests) ---- */
+
+/* Initialises the first uninitialised token of the module (SoftHSM always
+ * offers one) with the label, SO PIN and user PIN, through C_InitToken and
+ * C_InitPIN, so that no PIN ever appears on a command line. */
+KMS_RESULT kms_hsm_token_init(const char *module, const char *label, const kms_buf *so_pin,
+                              const kms_buf *user_pin);
+
+/* ---- observation ---- */
+
+typedef struct {
+    uint64_t calls;          /* PKCS#11 calls made */
+    uint64_t errors;         /* calls that returned other than CKR_OK */
+    uint64_t call_ns;        /* total time inside PKCS#11 calls */
+    uint64_t recoveries;     /* pool re-initialisations */
+    uint64_t cache_hits;     /* version secret found in the cache */
+    uint64_t cache_misses;   /* version secret unwrapped */
+    uint64_t cache_evictions;
+    size_t cache_size;
+    size_t sessions_open;
+} kms_hsm_stats;
+
+void kms_hsm_stats_get(kms_hsm *hsm, kms_hsm_stats *out);
+
+/* The benchmark baseline: a raw C_EncryptInit+C_Encrypt (or C_Decrypt) loop
+ * of msg_len-byte messages with AES-256-GCM on a session-object key, on
+ * `threads` threads each with its own session, for `seconds`. Reports
+ * operations per second. */
+typedef enum { KMS_HSM_RAW_ENCRYPT = 1, KMS_HSM_RAW_DECRYPT = 2 } kms_hsm_raw_op;
+KMS_RESULT kms_hsm_bench_raw(kms_hsm *hsm, kms_hsm_raw_op op, size_t msg_len, unsigned threads,
+                             double seconds, double *ops_per_sec);
+
+#endif /* KMS_HSM_H */
