@@ -34,43 +34,43 @@ kms_result kms_error_raise(kms_err err, const char *file, int line);
 kms_result kms_error_raisef(kms_err err, const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
-#define KMS_BAIL(e) return kms_error_raise((e), __FILE__, __LINE__)
+#define KMS_BAIL(e)          return kms_error_raise((e), __FILE__, __LINE__)
 #define KMS_BAIL_MSG(e, ...) return kms_error_raisef((e), __FILE__, __LINE__, __VA_ARGS__)
 
-#define KMS_ENSURE(cond, e)                                                                        \
-    do {                                                                                           \
-        if (!(cond))                                                                               \
-            KMS_BAIL(e);                                                                           \
+#define KMS_ENSURE(cond, e) \
+    do {                    \
+        if (!(cond))        \
+            KMS_BAIL(e);    \
     } while (0)
 
-#define KMS_ENSURE_MSG(cond, e, ...)                                                               \
-    do {                                                                                           \
-        if (!(cond))                                                                               \
-            KMS_BAIL_MSG(e, __VA_ARGS__);                                                          \
+#define KMS_ENSURE_MSG(cond, e, ...)      \
+    do {                                  \
+        if (!(cond))                      \
+            KMS_BAIL_MSG(e, __VA_ARGS__); \
     } while (0)
 
 /* Propagates a failed result unchanged. */
-#define KMS_GUARD(x)                                                                               \
-    do {                                                                                           \
-        kms_result kms_guard_r_ = (x);                                                             \
-        if (!kms_is_ok(kms_guard_r_))                                                              \
-            return kms_guard_r_;                                                                   \
+#define KMS_GUARD(x)                   \
+    do {                               \
+        kms_result kms_guard_r_ = (x); \
+        if (!kms_is_ok(kms_guard_r_))  \
+            return kms_guard_r_;       \
     } while (0)
 
 /* OpenSSL's convention: 1 is success, anything else is failure. */
-#define KMS_GUARD_OSSL(x, e)                                                                       \
-    do {                                                                                           \
-        if ((x) != 1)                                                                              \
-            KMS_BAIL(e);                                                                           \
+#define KMS_GUARD_OSSL(x, e) \
+    do {                     \
+        if ((x) != 1)        \
+            KMS_BAIL(e);     \
     } while (0)
 
 /* For functions that use one exit label instead of cleanup attributes:
  * stores a failed result in `res` and jumps to `label`. */
-#define KMS_GUARD_GOTO(res, x, label)                                                              \
-    do {                                                                                           \
-        (res) = (x);                                                                               \
-        if (!kms_is_ok(res))                                                                       \
-            goto label;                                                                            \
+#define KMS_GUARD_GOTO(res, x, label) \
+    do {                              \
+        (res) = (x);                  \
+        if (!kms_is_ok(res))          \
+            goto label;               \
     } while (0)
 
 /* Cleanup that cannot be forgotten (s2n-tls DEFER_CLEANUP). */

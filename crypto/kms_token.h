@@ -49,8 +49,8 @@
 #define KMS_TOKEN_TEXT_PREFIX_BYTES 5
 /* Largest plaintext a token may carry (encrypt of a field); see docs/api.md. */
 #define KMS_TOKEN_PLAINTEXT_MAX_BYTES (64 * 1024)
-#define KMS_TOKEN_BINARY_MAX_BYTES                                                                 \
-    (KMS_TOKEN_HEADER_MAX_BYTES + KMS_TOKEN_NONCE_BYTES + KMS_TOKEN_PLAINTEXT_MAX_BYTES +          \
+#define KMS_TOKEN_BINARY_MAX_BYTES                                                        \
+    (KMS_TOKEN_HEADER_MAX_BYTES + KMS_TOKEN_NONCE_BYTES + KMS_TOKEN_PLAINTEXT_MAX_BYTES + \
      KMS_TOKEN_TAG_BYTES)
 
 typedef enum {
@@ -74,14 +74,19 @@ typedef struct {
 /* The key name grammar [a-z0-9][a-z0-9._-]{0,127}. */
 bool kms_key_name_valid(const char *name, size_t len);
 
-/* Appends the header for (kind, name, version) to out. */
+/* Appends the header for (kind, name, version) to out. A name outside the
+ * grammar gives KMS_ERR_KEY_NAME_INVALID; kind unknown or version 0 give
+ * KMS_ERR_INVALID_ARGUMENT. */
 KMS_RESULT kms_token_header_write(kms_token_kind kind, const char *name, uint32_t version,
                                   kms_buf *out);
 /* Parses a binary token in place. */
 KMS_RESULT kms_token_parse(const uint8_t *bin, size_t len, kms_token *out);
-/* Parses either form: text is decoded into scratch (which must outlive out). */
+/* Parses either form: text is decoded into scratch (which must outlive out;
+ * it is reset first). Text longer than any token could be is refused before
+ * decoding. */
 KMS_RESULT kms_token_parse_any(const uint8_t *in, size_t len, kms_buf *scratch, kms_token *out);
-/* Appends the text form of a binary token. */
+/* Appends the text form of a binary token; refuses (KMS_ERR_TOKEN_INVALID)
+ * bytes that do not parse as a token, leaving out unchanged. */
 KMS_RESULT kms_token_to_text(const uint8_t *bin, size_t len, kms_buf *out);
 
 #endif /* KMS_TOKEN_H */
