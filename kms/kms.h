@@ -160,6 +160,9 @@ typedef enum {
 
 const char *kms_rotation_type_name(kms_rotation_type t);
 const char *kms_rotation_status_name(kms_rotation_status s);
+/* Added: parsers for the names above (KMS_ERR_INVALID_ARGUMENT if unknown). */
+KMS_RESULT kms_rotation_type_parse(const char *s, kms_rotation_type *out);
+KMS_RESULT kms_rotation_status_parse(const char *s, kms_rotation_status *out);
 
 typedef struct {
     char id[33]; /* random 128-bit id, hex */
@@ -246,6 +249,8 @@ typedef enum {
 } kms_op;
 
 const char *kms_op_name(kms_op op);
+/* Added: "wrap", "unwrap", ... -> kms_op (KMS_ERR_INVALID_ARGUMENT if unknown). */
+KMS_RESULT kms_op_parse(const char *s, kms_op *out);
 
 typedef struct {
     const uint8_t *in; /* plaintext, token or message, by operation */

@@ -1,0 +1,415 @@
+#include "kms_store.h"
+
+#include "kms_buf.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* Retries of one transaction for map growth or a full reader table, so
+ * that no loop is unbounded. Doubling from 64 KiB reaches 64 GiB in 20. */
+#define KMS_STORE_RETRIES_MAX 40
+#define KMS_STORE_GEN_FILE    "kms-cache.gen"
+
+struct kms_store {
+    MDB_env *env;
+    MDB_dbi dbi[KMS_DB_COUNT];
+    size_t map_max;
+    /* Every transaction holds this shared; growing the map takes it
+     * exclusive, because mdb_env_set_mapsize() requires that this process
+     * has no transaction open (lmdb.h). */
+    pthread_rwlock_t grow_lock;
+    _Atomic uint64_t *gen;
+    int gen_fd;
+};
+
+struct kms_txn {
+    kms_store *s;
+    MDB_txn *txn;
+    bool map_full; /* a put hit MDB_MAP_FULL: grow and run again */
+};
+
+static const char *const kms_db_names[KMS_DB_COUNT] = {
+    [KMS_DB_META] = "meta",       [KMS_DB_KEYS] = "keys",           [KMS_DB_VERSIONS] = "versions",
+    [KMS_DB_MASTERS] = "masters", [KMS_DB_ROTATIONS] = "rotations", [KMS_DB_AUDIT] = "audit",
+};
+
+/* The one place MDB_* codes become project errors. */
+static kms_result kms_store_error(int rc, const char *what, const char *file, int line)
+{
+    kms_err e;
+    switch (rc) {
+    case MDB_MAP_FULL:
+        e = KMS_ERR_STORE_FULL;
+        break;
+    case MDB_READERS_FULL:
+    case MDB_TXN_FULL:
+    case MDB_BAD_RSLOT:
+        e = KMS_ERR_STORE_BUSY;
+        break;
+    case MDB_CORRUPTED:
+    case MDB_PAGE_NOTFOUND:
+    case MDB_BAD_VALSIZE:
+    case MDB_INCOMPATIBLE:
+        e = KMS_ERR_STORE_CORRUPT;
+        break;
+    case MDB_VERSION_MISMATCH:
+    case MDB_INVALID:
+        e = KMS_ERR_STORE_SCHEMA;
+        break;
+    case ENOMEM:
+        e = KMS_ERR_NO_MEMORY;
+        break;
+    case ENOSPC:
+    case EIO:
+        e = KMS_ERR_IO;
+        break;
+    default:
+        e = KMS_ERR_STORE;
+        break;
+    }
+    return kms_error_raisef(e, file, line, "%s: %s", what, mdb_strerror(rc));
+}
+#define KMS_MDB_BAIL(rc, what) return kms_store_error((rc), (what), __FILE__, __LINE__)
+
+static kms_result kms_store_gen_open(kms_store *s, const char *path)
+{
+    char p[4096];
+    int n = snprintf(p, sizeof(p), "%s/%s", path, KMS_STORE_GEN_FILE);
+    KMS_ENSURE(n > 0 && (size_t)n < sizeof(p), KMS_ERR_CONFIG);
+    int fd = open(p, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    KMS_ENSURE_MSG(fd >= 0, KMS_ERR_IO, "open %s: %s", p, strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0 ||
+        (st.st_size < (off_t)sizeof(uint64_t) && ftruncate(fd, (off_t)sizeof(uint64_t)) != 0)) {
+        close(fd);
+        KMS_BAIL_MSG(KMS_ERR_IO, "size %s: %s", p, strerror(errno));
+    }
+    void *m = mmap(NULL, sizeof(uint64_t), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (m == MAP_FAILED) {
+        close(fd);
+        KMS_BAIL_MSG(KMS_ERR_IO, "mmap %s: %s", p, strerror(errno));
+    }
+    s->gen = m;
+    s->gen_fd = fd;
+    return KMS_OK_RESULT;
+}
+
+static kms_result kms_store_init_dbs(kms_store *s)
+{
+    MDB_txn *txn = NULL;
+    int rc = mdb_txn_begin(s->env, NULL, 0, &txn);
+    if (rc != MDB_SUCCESS)
+        KMS_MDB_BAIL(rc, "mdb_txn_begin");
+    for (int i = 0; i < KMS_DB_COUNT; i++) {
+        rc = mdb_dbi_open(txn, kms_db_names[i], MDB_CREATE, &s->dbi[i]);
+        if (rc != MDB_SUCCESS) {
+            mdb_txn_abort(txn);
+            KMS_MDB_BAIL(rc, "mdb_dbi_open");
+        }
+    }
+    /* Schema: meta["schema"] = u32 BE. Absent means a new store. */
+    static const char schema_key[] = "schema";
+    MDB_val k = {sizeof(schema_key) - 1, (void *)schema_key};
+    MDB_val v;
+    rc = mdb_get(txn, s->dbi[KMS_DB_META], &k, &v);
+    if (rc == MDB_NOTFOUND) {
+        uint8_t be[4] = {0, 0, 0, KMS_STORE_SCHEMA_VERSION};
+        v.mv_size = sizeof(be);
+        v.mv_data = be;
+        rc = mdb_put(txn, s->dbi[KMS_DB_META], &k, &v, 0);
+    } else if (rc == MDB_SUCCESS) {
+        const uint8_t *b = v.mv_data;
+        uint32_t ver =
+            v.mv_size == 4
+                ? ((uint32_t)b[0] << 24 | (uint32_t)b[1] << 16 | (uint32_t)b[2] << 8 | b[3])
+                : 0;
+        if (ver != KMS_STORE_SCHEMA_VERSION) {
+            mdb_txn_abort(txn);
+            KMS_BAIL_MSG(KMS_ERR_STORE_SCHEMA, "store schema version %u, this build reads %u", ver,
+                         KMS_STORE_SCHEMA_VERSION);
+        }
+    }
+    if (rc != MDB_SUCCESS) {
+        mdb_txn_abort(txn);
+        KMS_MDB_BAIL(rc, "schema");
+    }
+    rc = mdb_txn_commit(txn);
+    if (rc != MDB_SUCCESS)
+        KMS_MDB_BAIL(rc, "mdb_txn_commit");
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_store_open(const char *path, size_t map_initial, size_t map_max, kms_store **out)
+{
+    KMS_ENSURE(path != NULL && out != NULL, KMS_ERR_INVALID_ARGUMENT);
+    KMS_ENSURE(map_initial <= map_max, KMS_ERR_CONFIG);
+    kms_store *s = calloc(1, sizeof(*s));
+    KMS_ENSURE(s != NULL, KMS_ERR_NO_MEMORY);
+    s->gen_fd = -1;
+    s->map_max = map_max;
+    pthread_rwlock_init(&s->grow_lock, NULL);
+    kms_result r;
+    int rc = mdb_env_create(&s->env);
+    if (rc != MDB_SUCCESS) {
+        s->env = NULL;
+        r = kms_store_error(rc, "mdb_env_create", __FILE__, __LINE__);
+        goto fail;
+    }
+    if ((rc = mdb_env_set_maxdbs(s->env, KMS_DB_COUNT)) != MDB_SUCCESS ||
+        (rc = mdb_env_set_mapsize(s->env, map_initial)) != MDB_SUCCESS) {
+        r = kms_store_error(rc, "mdb_env_set", __FILE__, __LINE__);
+        goto fail;
+    }
+    /* MDB_NOTLS: read transactions are not tied to a thread's slot, so a
+     * transaction may be used by whichever pool thread runs the request. */
+    rc = mdb_env_open(s->env, path, MDB_NOTLS, 0600);
+    if (rc != MDB_SUCCESS) {
+        r = kms_store_error(rc, "mdb_env_open", __FILE__, __LINE__);
+        goto fail;
+    }
+    KMS_GUARD_GOTO(r, kms_store_init_dbs(s), fail);
+    KMS_GUARD_GOTO(r, kms_store_gen_open(s, path), fail);
+    *out = s;
+    return KMS_OK_RESULT;
+fail:
+    kms_store_close(s);
+    return r;
+}
+
+void kms_store_close(kms_store *s)
+{
+    if (s == NULL)
+        return;
+    if (s->env != NULL)
+        mdb_env_close(s->env);
+    if (s->gen != NULL)
+        munmap((void *)s->gen, sizeof(uint64_t));
+    if (s->gen_fd >= 0)
+        close(s->gen_fd);
+    pthread_rwlock_destroy(&s->grow_lock);
+    free(s);
+}
+
+uint64_t kms_store_gen(kms_store *s)
+{
+    return atomic_load_explicit(s->gen, memory_order_acquire);
+}
+
+void kms_store_gen_bump(kms_store *s)
+{
+    atomic_fetch_add_explicit(s->gen, 1, memory_order_acq_rel);
+}
+
+/* Grows the map with no transaction of this process open. */
+static kms_result kms_store_grow(kms_store *s)
+{
+    pthread_rwlock_wrlock(&s->grow_lock);
+    MDB_envinfo info;
+    mdb_env_info(s->env, &info);
+    size_t cur = info.me_mapsize;
+    kms_result r = KMS_OK_RESULT;
+    if (cur >= s->map_max) {
+        r = kms_error_raisef(KMS_ERR_STORE_FULL, __FILE__, __LINE__,
+                             "map size %zu reached the configured maximum", cur);
+    } else {
+        size_t next = cur > s->map_max / 2 ? s->map_max : cur * 2;
+        int rc = mdb_env_set_mapsize(s->env, next);
+        if (rc != MDB_SUCCESS)
+            r = kms_store_error(rc, "mdb_env_set_mapsize", __FILE__, __LINE__);
+    }
+    pthread_rwlock_unlock(&s->grow_lock);
+    return r;
+}
+
+/* Another process grew the map: adopt its size (mapsize 0 = current). */
+static void kms_store_adopt(kms_store *s)
+{
+    pthread_rwlock_wrlock(&s->grow_lock);
+    (void)mdb_env_set_mapsize(s->env, 0);
+    pthread_rwlock_unlock(&s->grow_lock);
+}
+
+static kms_result kms_store_run(kms_store *s, kms_store_fn fn, void *arg, bool write)
+{
+    for (int attempt = 0; attempt < KMS_STORE_RETRIES_MAX; attempt++) {
+        struct kms_txn t = {.s = s};
+        pthread_rwlock_rdlock(&s->grow_lock);
+        int rc = mdb_txn_begin(s->env, NULL, write ? 0 : MDB_RDONLY, &t.txn);
+        if (rc != MDB_SUCCESS) {
+            pthread_rwlock_unlock(&s->grow_lock);
+            if (rc == MDB_READERS_FULL) {
+                /* Slots of dead processes are reclaimed, then retried. */
+                int dead = 0;
+                mdb_reader_check(s->env, &dead);
+                if (dead == 0 && attempt > 2)
+                    KMS_MDB_BAIL(rc, "mdb_txn_begin");
+                continue;
+            }
+            if (rc == MDB_MAP_RESIZED) {
+                kms_store_adopt(s);
+                continue;
+            }
+            KMS_MDB_BAIL(rc, "mdb_txn_begin");
+        }
+        kms_result r = fn(&t, arg);
+        if (!kms_is_ok(r) || !write) {
+            mdb_txn_abort(t.txn);
+            pthread_rwlock_unlock(&s->grow_lock);
+            if (t.map_full) {
+                KMS_GUARD(kms_store_grow(s));
+                continue;
+            }
+            /* r is a plain error code; nothing in it points at t. */
+            // cppcheck-suppress returnDanglingLifetime
+            return r;
+        }
+        rc = mdb_txn_commit(t.txn);
+        pthread_rwlock_unlock(&s->grow_lock);
+        if (rc == MDB_MAP_FULL) {
+            KMS_GUARD(kms_store_grow(s));
+            continue;
+        }
+        if (rc != MDB_SUCCESS)
+            KMS_MDB_BAIL(rc, "mdb_txn_commit");
+        return KMS_OK_RESULT;
+    }
+    KMS_BAIL_MSG(KMS_ERR_STORE_BUSY, "transaction retried too often");
+}
+
+KMS_RESULT kms_store_read(kms_store *s, kms_store_fn fn, void *arg)
+{
+    return kms_store_run(s, fn, arg, false);
+}
+
+KMS_RESULT kms_store_write(kms_store *s, kms_store_fn fn, void *arg)
+{
+    return kms_store_run(s, fn, arg, true);
+}
+
+KMS_RESULT kms_txn_get(kms_txn *t, kms_db db, const void *key, size_t klen, const uint8_t **val,
+                       size_t *vlen, bool *found)
+{
+    MDB_val k = {klen, (void *)key}, v;
+    int rc = mdb_get(t->txn, t->s->dbi[db], &k, &v);
+    if (rc == MDB_NOTFOUND) {
+        *found = false;
+        *val = NULL;
+        *vlen = 0;
+        return KMS_OK_RESULT;
+    }
+    if (rc != MDB_SUCCESS)
+        KMS_MDB_BAIL(rc, "mdb_get");
+    *found = true;
+    *val = v.mv_data;
+    *vlen = v.mv_size;
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_txn_put(kms_txn *t, kms_db db, const void *key, size_t klen, const void *val,
+                       size_t vlen, bool no_overwrite)
+{
+    MDB_val k = {klen, (void *)key}, v = {vlen, (void *)val};
+    int rc = mdb_put(t->txn, t->s->dbi[db], &k, &v, no_overwrite ? MDB_NOOVERWRITE : 0);
+    if (rc == MDB_KEYEXIST)
+        KMS_BAIL(KMS_ERR_KEY_EXISTS);
+    if (rc == MDB_MAP_FULL)
+        t->map_full = true;
+    if (rc != MDB_SUCCESS)
+        KMS_MDB_BAIL(rc, "mdb_put");
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_txn_del(kms_txn *t, kms_db db, const void *key, size_t klen)
+{
+    MDB_val k = {klen, (void *)key};
+    int rc = mdb_del(t->txn, t->s->dbi[db], &k, NULL);
+    if (rc == MDB_NOTFOUND)
+        return KMS_OK_RESULT;
+    if (rc == MDB_MAP_FULL)
+        t->map_full = true;
+    if (rc != MDB_SUCCESS)
+        KMS_MDB_BAIL(rc, "mdb_del");
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_txn_scan(kms_txn *t, kms_db db, const void *start, size_t start_len,
+                        const void *prefix, size_t prefix_len, kms_scan_fn fn, void *arg)
+{
+    MDB_cursor *c = NULL;
+    int rc = mdb_cursor_open(t->txn, t->s->dbi[db], &c);
+    if (rc != MDB_SUCCESS)
+        KMS_MDB_BAIL(rc, "mdb_cursor_open");
+    MDB_val k = {start_len, (void *)start}, v;
+    rc = start != NULL && start_len > 0 ? mdb_cursor_get(c, &k, &v, MDB_SET_RANGE)
+                                        : mdb_cursor_get(c, &k, &v, MDB_FIRST);
+    kms_result r = KMS_OK_RESULT;
+    while (rc == MDB_SUCCESS) {
+        if (prefix != NULL &&
+            (k.mv_size < prefix_len || memcmp(k.mv_data, prefix, prefix_len) != 0))
+            break;
+        bool stop = false;
+        r = fn(k.mv_data, k.mv_size, v.mv_data, v.mv_size, arg, &stop);
+        if (!kms_is_ok(r) || stop)
+            break;
+        rc = mdb_cursor_get(c, &k, &v, MDB_NEXT);
+    }
+    mdb_cursor_close(c);
+    if (!kms_is_ok(r))
+        return r;
+    if (rc != MDB_SUCCESS && rc != MDB_NOTFOUND)
+        KMS_MDB_BAIL(rc, "mdb_cursor_get");
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_txn_count(kms_txn *t, kms_db db, size_t *n)
+{
+    MDB_stat st;
+    int rc = mdb_stat(t->txn, t->s->dbi[db], &st);
+    if (rc != MDB_SUCCESS)
+        KMS_MDB_BAIL(rc, "mdb_stat");
+    *n = st.ms_entries;
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_store_backup(kms_store *s, const char *dir)
+{
+    KMS_ENSURE(dir != NULL, KMS_ERR_INVALID_ARGUMENT);
+    DIR *d = opendir(dir);
+    KMS_ENSURE_MSG(d != NULL, KMS_ERR_IO, "backup directory %s: %s", dir, strerror(errno));
+    struct dirent *e;
+    bool empty = true;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0) {
+            empty = false;
+            break;
+        }
+    }
+    closedir(d);
+    KMS_ENSURE_MSG(empty, KMS_ERR_INVALID_ARGUMENT, "backup directory %s is not empty", dir);
+    pthread_rwlock_rdlock(&s->grow_lock);
+    int rc = mdb_env_copy2(s->env, dir, MDB_CP_COMPACT);
+    pthread_rwlock_unlock(&s->grow_lock);
+    if (rc != MDB_SUCCESS)
+        KMS_MDB_BAIL(rc, "mdb_env_copy2");
+    return KMS_OK_RESULT;
+}
+
+void kms_store_sizes(kms_store *s, size_t *map_size, size_t *used_bytes)
+{
+    MDB_envinfo info;
+    MDB_stat st;
+    mdb_env_info(s->env, &info);
+    mdb_env_stat(s->env, &st);
+    *map_size = info.me_mapsize;
+    *used_bytes = (info.me_last_pgno + 1) * (size_t)st.ms_psize;
+}
