@@ -51,8 +51,10 @@ typedef struct {
      * A URI carrying pin-value or pin-source is refused (KMS_ERR_CONFIG). */
     const char *token_uri;
     /* Exactly one of these supplies the user PIN. The file must not be
-     * group- or world-readable. The environment variable is unset after it
-     * has been read. The PIN is wiped right after C_Login. */
+     * group- or world-readable; it is read again for every (re-)login and
+     * the PIN wiped right after C_Login. The environment variable is unset
+     * after it has been read, so that PIN is kept in secure memory (locked,
+     * not dumped) for re-login after a recovery, and wiped on close. */
     const char *pin_file;
     const char *pin_env;
     /* Sessions in the pool (default 4). */
@@ -130,21 +132,40 @@ KMS_RESULT kms_hsm_ping(kms_hsm *hsm);
 KMS_RESULT kms_hsm_token_init(const char *module, const char *label, const kms_buf *so_pin,
                               const kms_buf *user_pin);
 
+/* What kms_hsm_token_list reports of each slot with a token. */
+typedef struct {
+    unsigned long slot_id;
+    char label[33]; /* blank padding removed, NUL-terminated */
+    char manufacturer[33];
+    char model[17];
+    char serial[17];
+    bool initialized;          /* CKF_TOKEN_INITIALIZED */
+    bool user_pin_initialized; /* CKF_USER_PIN_INITIALIZED */
+} kms_hsm_token_info;
+
+/* Lists the module's tokens (no login). Caller frees *tokens with free(). */
+KMS_RESULT kms_hsm_token_list(const char *module, kms_hsm_token_info **tokens, size_t *count);
+
 /* ---- observation ---- */
 
 typedef struct {
-    uint64_t calls;          /* PKCS#11 calls made */
-    uint64_t errors;         /* calls that returned other than CKR_OK */
-    uint64_t call_ns;        /* total time inside PKCS#11 calls */
-    uint64_t recoveries;     /* pool re-initialisations */
-    uint64_t cache_hits;     /* version secret found in the cache */
-    uint64_t cache_misses;   /* version secret unwrapped */
+    uint64_t calls;        /* PKCS#11 calls made */
+    uint64_t errors;       /* calls that returned other than CKR_OK */
+    uint64_t call_ns;      /* total time inside PKCS#11 calls */
+    uint64_t recoveries;   /* pool re-initialisations */
+    uint64_t cache_hits;   /* version secret found in the cache */
+    uint64_t cache_misses; /* version secret unwrapped */
     uint64_t cache_evictions;
     size_t cache_size;
     size_t sessions_open;
 } kms_hsm_stats;
 
 void kms_hsm_stats_get(kms_hsm *hsm, kms_hsm_stats *out);
+
+/* Objects this process can see on the token: token objects plus the
+ * session objects of every application session (cached version secrets).
+ * Searches the token: for start-up checks and tests, never the hot path. */
+KMS_RESULT kms_hsm_object_count(kms_hsm *hsm, size_t *count);
 
 /* The benchmark baseline: a raw C_EncryptInit+C_Encrypt (or C_Decrypt) loop
  * of msg_len-byte messages with AES-256-GCM on a session-object key, on
