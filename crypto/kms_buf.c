@@ -242,3 +242,13 @@ KMS_RESULT kms_rcursor_end(const kms_rcursor *c)
     KMS_ENSURE(kms_rcursor_remaining(c) == 0, c->err);
     return KMS_OK_RESULT;
 }
+
+void kms_buf_truncate(kms_buf *b, size_t len)
+{
+    if (b->len > len) {
+        /* Wiped whether or not the buffer is secret: what a failed
+         * operation appended may be partial plaintext. */
+        kms_secmem_wipe(b->data + len, b->len - len);
+        b->len = len;
+    }
+}

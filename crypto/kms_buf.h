@@ -44,6 +44,9 @@ KMS_RESULT kms_buf_append_u8(kms_buf *b, uint8_t v);
 KMS_RESULT kms_buf_append_u16(kms_buf *b, uint16_t v);
 KMS_RESULT kms_buf_append_u32(kms_buf *b, uint32_t v);
 KMS_RESULT kms_buf_append_u64(kms_buf *b, uint64_t v);
+/* Shortens the buffer to len bytes (no-op if already shorter), wiping the
+ * dropped bytes: how a failed operation takes back what it appended. */
+void kms_buf_truncate(kms_buf *b, size_t len);
 /* Appends n bytes of space and returns a pointer to them in *out. */
 KMS_RESULT kms_buf_extend(kms_buf *b, size_t n, uint8_t **out);
 /* Appends a NUL that is not counted in len (for text consumers). */

@@ -19,15 +19,6 @@
 
 #define KMS_AAD_MAX_BYTES (KMS_TOKEN_HEADER_MAX_BYTES + KMS_CONTEXT_MAX_BYTES)
 
-/* Drops what a failed operation appended to a caller's buffer. */
-static void kms_buf_truncate(kms_buf *b, size_t len)
-{
-    if (b->len > len) {
-        kms_secmem_wipe(b->data + len, b->len - len);
-        b->len = len;
-    }
-}
-
 static kms_result kms_ctx_check(const uint8_t *ctx, size_t ctx_len)
 {
     KMS_ENSURE(ctx != NULL || ctx_len == 0, KMS_ERR_INVALID_ARGUMENT);
