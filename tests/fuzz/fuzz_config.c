@@ -18,8 +18,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             abort();
         }
         for (size_t i = 0; i < cfg.listen_count; i++) {
-            if (cfg.listen[i].port == 0 || memchr(cfg.listen[i].host, '\0',
-                                                  sizeof(cfg.listen[i].host)) == NULL) {
+            if (cfg.listen[i].port == 0 ||
+                memchr(cfg.listen[i].host, '\0', sizeof(cfg.listen[i].host)) == NULL) {
                 abort();
             }
         }

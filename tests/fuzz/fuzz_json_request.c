@@ -47,8 +47,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         r = kms_api_batch_parse(body, 1000, &items);
         for (size_t i = 0; kms_is_ok(r) && i < json_array_size(items); i++) {
             kms_api_item it;
-            kms_result ir = kms_api_item_parse(KMS_OP_UNWRAP, json_array_get(items, i),
-                                               "items[0].", &it);
+            kms_result ir =
+                kms_api_item_parse(KMS_OP_UNWRAP, json_array_get(items, i), "items[0].", &it);
             kms_api_item_free(&it);
             if (!kms_is_ok(ir) && !expected(ir.err)) {
                 abort();

@@ -1,0 +1,1719 @@
+/*
+ * The HTTPS server: libmicrohttpd over GnuTLS, one daemon per listening
+ * socket. Order of work for every request, before any body is read:
+ * client certificate verified (once per connection, cached), route and
+ * method resolved, role checked against the policy, Content-Length and
+ * Content-Type checked. Only then is the body read (bounded), parsed
+ * strictly and handed to kms/.
+ */
+#define _GNU_SOURCE
+#include "kms_api_internal.h"
+#include "kms_api_tls.h"
+#include "kms_base64.h"
+#include "kms_rand.h"
+#include "kms_secmem.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- logging ---- */
+
+static kms_log_level log_level = KMS_LOG_INFO;
+
+void kms_log_set_level(kms_log_level level)
+{
+    log_level = level;
+}
+
+void kms_log(kms_log_level level, const char *fmt, ...)
+{
+    static const char *names[] = {"error", "warn", "info", "debug"};
+    if (level > log_level) {
+        return;
+    }
+    char line[1024];
+    struct timespec ts;
+    struct tm tm;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    gmtime_r(&ts.tv_sec, &tm);
+    int n = snprintf(line, sizeof(line),
+                     "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ kmsd[%d] %s: ", tm.tm_year + 1900,
+                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+                     ts.tv_nsec / 1000000, (int)getpid(), names[level]);
+    va_list ap;
+    va_start(ap, fmt);
+    if (n > 0 && (size_t)n < sizeof(line)) {
+        int m = vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
+        n = m < 0 ? n : ((size_t)(n + m) >= sizeof(line) - 1 ? (int)sizeof(line) - 2 : n + m);
+    }
+    va_end(ap);
+    line[n++] = '\n';
+    /* One write(2) per line: lines from several processes do not mix. */
+    ssize_t w = write(STDERR_FILENO, line, (size_t)n);
+    (void)w;
+}
+
+/* ---- routes ---- */
+
+typedef enum {
+    R_NONE = 0,
+    R_HEALTHZ,
+    R_READYZ,
+    R_METRICS,
+    R_KEYS,
+    R_KEY,
+    R_KEY_ROTATE,
+    R_KEY_ROLLBACK,
+    R_VERSION,
+    R_VERSION_STATE,
+    R_OP,
+    R_BATCH,
+    R_MASTER,
+    R_MASTER_ROTATE,
+    R_ROTATIONS,
+    R_ADMIN_CHECK,
+    R_COUNT
+} route_id;
+
+static const char *route_template(route_id r, kms_op op)
+{
+    (void)op;
+    switch (r) {
+    case R_HEALTHZ:
+        return "/healthz";
+    case R_READYZ:
+        return "/readyz";
+    case R_METRICS:
+        return "/metrics";
+    case R_KEYS:
+        return "/v1/keys";
+    case R_KEY:
+        return "/v1/keys/{name}";
+    case R_KEY_ROTATE:
+        return "/v1/keys/{name}/rotate";
+    case R_KEY_ROLLBACK:
+        return "/v1/keys/{name}/rollback";
+    case R_VERSION:
+        return "/v1/keys/{name}/versions/{v}";
+    case R_VERSION_STATE:
+        return "/v1/keys/{name}/versions/{v}/state";
+    case R_OP:
+        return "/v1/keys/{name}/{op}";
+    case R_BATCH:
+        return "/v1/keys/{name}/batch/{op}";
+    case R_MASTER:
+        return "/v1/master";
+    case R_MASTER_ROTATE:
+        return "/v1/master/rotate";
+    case R_ROTATIONS:
+        return "/v1/rotations";
+    case R_ADMIN_CHECK:
+        return "/v1/admin/check";
+    default:
+        return "unknown";
+    }
+}
+
+static const char *op_names[] = {
+    [KMS_OP_WRAP] = "wrap",       [KMS_OP_UNWRAP] = "unwrap", [KMS_OP_ENCRYPT] = "encrypt",
+    [KMS_OP_DECRYPT] = "decrypt", [KMS_OP_REWRAP] = "rewrap", [KMS_OP_DATAKEY] = "datakey",
+    [KMS_OP_MAC] = "mac",         [KMS_OP_VERIFY] = "verify",
+};
+#define OP_COUNT 9
+
+static kms_op op_parse(const char *s, size_t n)
+{
+    for (int i = 1; i < OP_COUNT; i++) {
+        if (strlen(op_names[i]) == n && memcmp(op_names[i], s, n) == 0) {
+            return (kms_op)i;
+        }
+    }
+    return (kms_op)0;
+}
+
+/* Roles allowed per data operation (docs/api.md, "Roles"). */
+static unsigned op_roles(kms_op op)
+{
+    switch (op) {
+    case KMS_OP_UNWRAP:
+    case KMS_OP_DECRYPT:
+    case KMS_OP_REWRAP:
+        return KMS_ROLE_APP | KMS_ROLE_MIGRATOR;
+    default:
+        return KMS_ROLE_APP;
+    }
+}
+
+/* ---- metrics ---- */
+
+static const int status_slots[] = {200, 201, 400, 401, 403, 404, 405, 409,
+                                   410, 413, 415, 500, 503, 507, 0};
+#define STATUS_SLOTS ((int)KMS_ARRAY_LEN(status_slots))
+static const double latency_buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                         0.1,   0.25,   0.5,   1,    2.5,   5};
+#define BUCKETS ((int)KMS_ARRAY_LEN(latency_buckets))
+
+typedef struct {
+    _Atomic uint64_t requests[R_COUNT][STATUS_SLOTS];
+    _Atomic uint64_t bucket[R_COUNT][BUCKETS + 1];
+    _Atomic uint64_t sum_us[R_COUNT];
+    _Atomic uint64_t auth_failures;
+} metrics;
+
+/* With workers = processes:N the counters live in one anonymous shared
+ * mapping made by the supervisor before it forks, so that /metrics counts
+ * every worker's requests whichever worker answers the scrape (lock-free
+ * 64-bit atomics are address-free, so they work across processes). */
+static metrics *shared_metrics;
+_Static_assert(ATOMIC_LLONG_LOCK_FREE == 2 && sizeof(unsigned long long) == sizeof(uint64_t),
+               "shared metrics need address-free (lock-free) 64-bit atomics");
+
+KMS_RESULT kms_api_metrics_share(void)
+{
+    void *p =
+        mmap(NULL, sizeof(metrics), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    KMS_ENSURE_MSG(p != MAP_FAILED, KMS_ERR_NO_MEMORY, "shared metrics: %s", strerror(errno));
+    shared_metrics = p;
+    return KMS_OK_RESULT;
+}
+
+/* ---- server state ---- */
+
+#define RID_BYTES KMS_RAND_ID_HEX_BYTES
+
+struct kms_api_server {
+    kms_daemon_config cfg;
+    kms *k;
+    struct MHD_Daemon *daemons[KMS_CONFIG_LISTEN_MAX];
+    size_t daemon_count;
+    char *ca_pem;
+
+    pthread_rwlock_t lock; /* guards policy and trust (swapped on reload) */
+    kms_policy *policy;
+    kms_api_trust *trust;
+    uint64_t trust_gen; /* bumped on every CA/CRL reload, under lock */
+
+    _Atomic long inflight;
+    _Atomic bool draining;
+    metrics own_metrics;
+    metrics *m; /* own_metrics, or the block shared by all workers */
+
+    /* Readiness prober: one thread runs kms_ready on demand, so a hung HSM
+     * holds that thread, never a request thread for longer than the
+     * timeout. */
+    pthread_t prober;
+    bool prober_started;
+    pthread_mutex_t ready_mu;
+    pthread_cond_t ready_cv;
+    uint64_t ready_asked, ready_done;
+    bool ready_running, prober_stop;
+    kms_err ready_err;
+    char ready_reason[256];
+};
+
+typedef struct {
+    int verified;       /* 0 not yet, 1 ok, -1 refused */
+    uint64_t trust_gen; /* the CA/CRL generation it was verified against */
+    char identity[KMS_IDENTITY_MAX_BYTES + 1];
+    const char *reason;
+    char addr[INET6_ADDRSTRLEN + 8];
+} conn_ctx;
+
+typedef struct {
+    kms_api_server *s;
+    conn_ctx *conn;
+    route_id route;
+    kms_op op;
+    const char *method;
+    char name[KMS_KEY_NAME_MAX_BYTES + 1];
+    uint32_t version;
+    unsigned roles; /* roles the caller holds for this request */
+    char allow[32]; /* methods the route takes, for 405's Allow header */
+    char rid[RID_BYTES];
+    struct timespec start;
+    bool responded;
+    bool too_large;   /* stop keeping the body (over the limit or failed) */
+    kms_err body_err; /* why keeping the body failed, if not its size */
+    kms_buf body;
+    int status;
+    kms_err err;
+} req_ctx;
+
+/* ---- responses ---- */
+
+static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int status, char *text,
+                                 size_t len, const char *ctype)
+{
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer_with_free_callback(len, text, kms_api_wipe_free);
+    if (r == NULL) {
+        kms_api_wipe_free(text);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, ctype);
+    MHD_add_response_header(r, "X-Request-Id", rq->rid);
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    if (status == 503) {
+        MHD_add_response_header(r, MHD_HTTP_HEADER_RETRY_AFTER, "1");
+    }
+    if (status == 405 && rq->allow[0] != '\0') {
+        MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, rq->allow);
+    }
+    if (atomic_load(&rq->s->draining)) {
+        MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
+    }
+    rq->status = status;
+    rq->responded = true;
+    enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+/* Serialises doc into a wiping allocation (it may hold base64 plaintext)
+ * and sends it. Takes ownership of doc. */
+static enum MHD_Result send_json(req_ctx *rq, struct MHD_Connection *conn, int status, json_t *doc)
+{
+    size_t n = doc != NULL ? json_dumpb(doc, NULL, 0, JSON_COMPACT) : 0;
+    char *text = n > 0 ? kms_api_wipe_malloc(n + 1) : NULL;
+    if (text == NULL || json_dumpb(doc, text, n, JSON_COMPACT) != n) {
+        json_decref(doc);
+        kms_api_wipe_free(text);
+        return MHD_NO;
+    }
+    text[n] = '\n';
+    json_decref(doc);
+    return send_text(rq, conn, status, text, n + 1, "application/json");
+}
+
+static enum MHD_Result send_error(req_ctx *rq, struct MHD_Connection *conn, kms_err err,
+                                  const char *message)
+{
+    if (message == NULL || message[0] == '\0') {
+        message = kms_error_message(err);
+    }
+    rq->err = err;
+    json_t *doc = json_pack("{s:{s:s,s:s},s:s}", "error", "code", kms_error_code(err), "message",
+                            message, "request_id", rq->rid);
+    return send_json(rq, conn, kms_error_http_status(err), doc);
+}
+
+/* The error just raised on this thread, with its detail text when the
+ * raiser gave one (details never carry secrets, kms_error.h). */
+static enum MHD_Result send_result(req_ctx *rq, struct MHD_Connection *conn, kms_result r)
+{
+    const char *detail = kms_error_last() == r.err ? kms_error_detail() : "";
+    return send_error(rq, conn, r.err, detail);
+}
+
+/* ---- JSON views of domain objects ---- */
+
+static json_t *time_or_null(int64_t t)
+{
+    return t == 0 ? json_null() : json_integer(t);
+}
+
+static json_t *version_json(const kms_version_info *v)
+{
+    return json_pack("{s:I,s:s,s:o,s:o,s:o,s:o,s:o,s:o,s:I,s:I}", "version", (json_int_t)v->version,
+                     "state", kms_version_state_name(v->state), "created_at",
+                     time_or_null(v->created_at), "primary_at", time_or_null(v->primary_at),
+                     "deprecated_at", time_or_null(v->deprecated_at), "grace_until",
+                     time_or_null(v->grace_until), "destroy_at", time_or_null(v->destroy_at),
+                     "last_used_at", time_or_null(v->last_used_at), "encryptions",
+                     (json_int_t)v->encryptions, "master_version", (json_int_t)v->master_version);
+}
+
+static json_t *key_json(const kms_key_info *k)
+{
+    return json_pack(
+        "{s:s,s:s,s:I,s:I,s:I,s:I,s:I,s:b,s:o,s:o}", "name", k->name, "purpose",
+        kms_purpose_name(k->purpose), "primary_version", (json_int_t)k->primary_version,
+        "latest_version", (json_int_t)k->latest_version, "min_decryption_version",
+        (json_int_t)k->min_decryption_version, "rotation_period", (json_int_t)k->rotation_period_s,
+        "warning_window", (json_int_t)k->warning_window_s, "deletion_protection",
+        k->deletion_protection, "created_at", time_or_null(k->created_at), "rotated_at",
+        time_or_null(k->rotated_at));
+}
+
+static json_t *rotation_json(const kms_rotation_info *r)
+{
+    return json_pack("{s:s,s:o,s:o,s:I,s:s,s:s,s:s,s:o,s:o,s:o}", "id", r->id, "key",
+                     r->key[0] != '\0' ? json_string(r->key) : json_null(), "from_version",
+                     r->from_version != 0 ? json_integer(r->from_version) : json_null(),
+                     "to_version", (json_int_t)r->to_version, "type",
+                     kms_rotation_type_name(r->type), "status", kms_rotation_status_name(r->status),
+                     "initiator", r->initiator, "started_at", time_or_null(r->started_at),
+                     "finished_at", time_or_null(r->finished_at), "reason",
+                     r->reason[0] != '\0' ? json_string(r->reason) : json_null());
+}
+
+/* Text form of a binary token as a JSON string. */
+static json_t *token_json(const kms_buf *bin)
+{
+    kms_buf text KMS_DEFER(kms_buf_cleanup) = {0};
+    kms_buf_init(&text, 0);
+    if (!kms_is_ok(kms_token_to_text(bin->data, bin->len, &text))) {
+        return NULL;
+    }
+    return json_stringn((const char *)text.data, text.len);
+}
+
+/* base64 of a secret: encoded in secret memory, copied into a jansson
+ * string (jansson's allocator wipes, kms_api_json_alloc_init). */
+static json_t *secret_b64_json(const kms_buf *pt)
+{
+    kms_buf b64 KMS_DEFER(kms_buf_cleanup) = {0};
+    kms_buf_init_secret(&b64, 0);
+    if (!kms_is_ok(kms_base64_encode(pt->data, pt->len, &b64))) {
+        return NULL;
+    }
+    return json_stringn((const char *)b64.data, b64.len);
+}
+
+/* One data-op result (single or batch item) as its JSON response. */
+static json_t *op_result_json(kms_op op, const char *name, const kms_batch_result *r,
+                              const kms_buf *plaintext)
+{
+    json_t *o = json_object();
+    if (o == NULL) {
+        return NULL;
+    }
+    int bad = 0;
+    switch (op) {
+    case KMS_OP_WRAP:
+    case KMS_OP_ENCRYPT:
+        bad |= json_object_set_new(o, "ciphertext", token_json(&r->out));
+        bad |= json_object_set_new(o, "key", json_string(name));
+        break;
+    case KMS_OP_UNWRAP:
+    case KMS_OP_DECRYPT:
+        bad |= json_object_set_new(o, "plaintext", secret_b64_json(&r->out));
+        break;
+    case KMS_OP_DATAKEY:
+        bad |= json_object_set_new(o, "ciphertext", token_json(&r->out));
+        if (plaintext != NULL) {
+            bad |= json_object_set_new(o, "plaintext", secret_b64_json(plaintext));
+        }
+        break;
+    case KMS_OP_REWRAP:
+        bad |= json_object_set_new(o, "ciphertext", token_json(&r->out));
+        bad |= json_object_set_new(o, "from_version", json_integer(r->from_version));
+        bad |= json_object_set_new(o, "changed", json_boolean(r->flag));
+        break;
+    case KMS_OP_MAC:
+        bad |= json_object_set_new(o, "mac", token_json(&r->out));
+        break;
+    case KMS_OP_VERIFY:
+        bad |= json_object_set_new(o, "valid", json_boolean(r->flag));
+        break;
+    default:
+        bad = 1;
+        break;
+    }
+    bad |= json_object_set_new(o, "version", json_integer(r->version));
+    if (bad) {
+        json_decref(o);
+        return NULL;
+    }
+    return o;
+}
+
+/* ---- handlers ---- */
+
+static kms_caller caller_of(req_ctx *rq)
+{
+    return (kms_caller){
+        .identity = rq->conn->identity,
+        .request_id = rq->rid,
+        .source_addr = rq->conn->addr,
+        /* Only the migrator role reads compromised versions, and only to
+         * rewrap them (DESIGN.md key model). */
+        .may_read_compromised = rq->op == KMS_OP_REWRAP && (rq->roles & KMS_ROLE_MIGRATOR) != 0,
+    };
+}
+
+typedef struct {
+    json_t *doc;
+    int status;
+} reply;
+
+static kms_result run_single_op(req_ctx *rq, json_t *body, reply *out)
+{
+    kms_api_item it KMS_DEFER(kms_api_item_free) = {0};
+    KMS_GUARD(kms_api_item_parse(rq->op, body, "", &it));
+    kms_caller c = caller_of(rq);
+    kms_batch_result r = {0};
+    kms_buf pt KMS_DEFER(kms_buf_cleanup) = {0};
+    kms_buf_init(&r.out, 0);
+    kms_buf_init_secret(&pt, 0);
+    kms_result res;
+    switch (rq->op) {
+    case KMS_OP_WRAP:
+        res = kms_wrap(rq->s->k, &c, rq->name, it.in.data, it.in.len, it.ctx.data, it.ctx.len,
+                       &r.out, &r.version);
+        break;
+    case KMS_OP_ENCRYPT:
+        res = kms_encrypt(rq->s->k, &c, rq->name, it.in.data, it.in.len, it.ctx.data, it.ctx.len,
+                          &r.out, &r.version);
+        break;
+    case KMS_OP_UNWRAP:
+        kms_buf_free(&r.out);
+        kms_buf_init_secret(&r.out, 0);
+        res = kms_unwrap(rq->s->k, &c, rq->name, it.in.data, it.in.len, it.ctx.data, it.ctx.len,
+                         &r.out, &r.version);
+        break;
+    case KMS_OP_DECRYPT:
+        kms_buf_free(&r.out);
+        kms_buf_init_secret(&r.out, 0);
+        res = kms_decrypt(rq->s->k, &c, rq->name, it.in.data, it.in.len, it.ctx.data, it.ctx.len,
+                          &r.out, &r.version);
+        break;
+    case KMS_OP_DATAKEY:
+        res = kms_datakey(rq->s->k, &c, rq->name, it.datakey_bytes, it.ctx.data, it.ctx.len, &r.out,
+                          it.include_plaintext ? &pt : NULL, &r.version);
+        break;
+    case KMS_OP_REWRAP:
+        res = kms_rewrap(rq->s->k, &c, rq->name, it.in.data, it.in.len, it.ctx.data, it.ctx.len,
+                         &r.out, &r.from_version, &r.version, &r.flag);
+        break;
+    case KMS_OP_MAC:
+        res = kms_mac(rq->s->k, &c, rq->name, it.in.data, it.in.len, &r.out, &r.version);
+        break;
+    case KMS_OP_VERIFY:
+        res = kms_verify(rq->s->k, &c, rq->name, it.in.data, it.in.len, it.ctx.data, it.ctx.len,
+                         &r.flag, &r.version);
+        break;
+    default:
+        res = kms_error_raise(KMS_ERR_INTERNAL, __FILE__, __LINE__);
+        break;
+    }
+    if (kms_is_ok(res)) {
+        out->doc = op_result_json(rq->op, rq->name, &r,
+                                  rq->op == KMS_OP_DATAKEY && it.include_plaintext ? &pt : NULL);
+        out->status = 200;
+        if (out->doc == NULL) {
+            res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
+        }
+    }
+    kms_buf_free(&r.out);
+    return res;
+}
+
+static json_t *item_error_json(kms_err err, const char *msg)
+{
+    if (msg == NULL || msg[0] == '\0') {
+        msg = kms_error_message(err);
+    }
+    return json_pack("{s:{s:s,s:s}}", "error", "code", kms_error_code(err), "message", msg);
+}
+
+static kms_result run_batch(req_ctx *rq, json_t *body, reply *out)
+{
+    json_t *items = NULL;
+    KMS_GUARD(kms_api_batch_parse(body, rq->s->cfg.max_batch_items, &items));
+    size_t n = json_array_size(items);
+    kms_api_item *parsed = calloc(n, sizeof(*parsed));
+    kms_batch_item *bi = calloc(n, sizeof(*bi));
+    kms_batch_result *br = calloc(n, sizeof(*br));
+    size_t *map = calloc(n, sizeof(*map));
+    json_t **errs = calloc(n, sizeof(*errs));
+    json_t *results = json_array();
+    kms_result res = KMS_OK_RESULT;
+    size_t good = 0, ok = 0, failed = 0;
+    if (parsed == NULL || bi == NULL || br == NULL || map == NULL || errs == NULL ||
+        results == NULL) {
+        res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
+        goto done;
+    }
+    /* Item-level defects (bad base64, a size limit, a wrong field) are that
+     * item's error; the others still run. */
+    for (size_t i = 0; i < n; i++) {
+        char where[32];
+        snprintf(where, sizeof(where), "items[%zu].", i);
+        kms_result pr = kms_api_item_parse(rq->op, json_array_get(items, i), where, &parsed[i]);
+        if (kms_is_ok(pr) && rq->op == KMS_OP_DATAKEY && parsed[i].include_plaintext) {
+            pr = kms_error_raisef(KMS_ERR_INVALID_ARGUMENT, __FILE__, __LINE__,
+                                  "field '%sinclude_plaintext': not available in batches", where);
+        }
+        if (!kms_is_ok(pr)) {
+            errs[i] = item_error_json(pr.err, kms_error_detail());
+            continue;
+        }
+        bi[good] = (kms_batch_item){.in = parsed[i].in.data,
+                                    .in_len = parsed[i].in.len,
+                                    .ctx = parsed[i].ctx.data,
+                                    .ctx_len = parsed[i].ctx.len,
+                                    .datakey_len = parsed[i].datakey_bytes};
+        map[good++] = i;
+    }
+    if (good > 0) {
+        kms_caller c = caller_of(rq);
+        KMS_GUARD_GOTO(res, kms_batch(rq->s->k, &c, rq->op, rq->name, bi, good, br), done);
+    }
+    for (size_t g = 0; g < good; g++) {
+        errs[map[g]] = br[g].err == KMS_OK ? op_result_json(rq->op, rq->name, &br[g], NULL)
+                                           : item_error_json(br[g].err, NULL);
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (errs[i] == NULL) {
+            res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
+            goto done;
+        }
+        if (json_object_get(errs[i], "error") != NULL) {
+            failed++;
+        } else {
+            ok++;
+        }
+        json_array_append_new(results, errs[i]);
+        errs[i] = NULL;
+    }
+    out->doc = json_pack("{s:O,s:I,s:I}", "results", results, "succeeded", (json_int_t)ok, "failed",
+                         (json_int_t)failed);
+    out->status = 200;
+    if (out->doc == NULL) {
+        res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
+    }
+done:
+    if (br != NULL) {
+        kms_batch_results_free(br, good);
+    }
+    for (size_t i = 0; parsed != NULL && i < n; i++) {
+        kms_api_item_free(&parsed[i]);
+        if (errs != NULL) {
+            json_decref(errs[i]);
+        }
+    }
+    json_decref(results);
+    free(parsed);
+    free(bi);
+    free(br);
+    free(map);
+    free(errs);
+    return res;
+}
+
+static kms_result key_with_versions(kms *k, const char *name, json_t **out)
+{
+    kms_key_info info;
+    kms_version_info *vs = NULL;
+    size_t n = 0;
+    KMS_GUARD(kms_key_get(k, name, &info));
+    KMS_GUARD(kms_key_versions(k, name, &vs, &n));
+    json_t *doc = key_json(&info);
+    json_t *arr = json_array();
+    for (size_t i = 0; i < n && doc != NULL && arr != NULL; i++) {
+        json_array_append_new(arr, version_json(&vs[i]));
+    }
+    free(vs);
+    if (doc == NULL || arr == NULL || json_object_set_new(doc, "versions", arr) != 0) {
+        json_decref(doc);
+        KMS_BAIL(KMS_ERR_NO_MEMORY);
+    }
+    *out = doc;
+    return KMS_OK_RESULT;
+}
+
+static kms_result query_u64(struct MHD_Connection *conn, const char *name, uint64_t max,
+                            uint64_t *out)
+{
+    const char *v = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, name);
+    if (v == NULL || v[0] == '\0') {
+        return KMS_OK_RESULT;
+    }
+    char *end = NULL;
+    errno = 0;
+    unsigned long long n = strtoull(v, &end, 10);
+    KMS_ENSURE_MSG(v[0] >= '0' && v[0] <= '9' && *end == '\0' && errno == 0 && n <= max,
+                   KMS_ERR_INVALID_ARGUMENT,
+                   "query parameter '%s': expected an integer <= %" PRIu64, name, max);
+    *out = n;
+    return KMS_OK_RESULT;
+}
+
+/* GET /v1/keys: the keys the caller holds any role on, in name order. The
+ * store is read in pages until the caller's page is full, so that a caller
+ * allowed a few keys among many still gets complete pages. */
+static kms_result list_keys(req_ctx *rq, struct MHD_Connection *conn, reply *out)
+{
+    uint64_t limit = 100;
+    KMS_GUARD(query_u64(conn, "limit", 1000, &limit));
+    KMS_ENSURE_MSG(limit > 0, KMS_ERR_INVALID_ARGUMENT, "query parameter 'limit': must be >= 1");
+    const char *after_q = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "after");
+    char after[KMS_KEY_NAME_MAX_BYTES + 1] = "";
+    if (after_q != NULL && after_q[0] != '\0') {
+        KMS_ENSURE_MSG(kms_key_name_valid(after_q, strlen(after_q)), KMS_ERR_KEY_NAME_INVALID,
+                       "query parameter 'after': not a key name");
+        memcpy(after, after_q, strlen(after_q) + 1);
+    }
+    json_t *arr = json_array();
+    KMS_ENSURE(arr != NULL, KMS_ERR_NO_MEMORY);
+    size_t got = 0;
+    bool more = true;
+    char last[KMS_KEY_NAME_MAX_BYTES + 1] = "";
+    /* Bounded: at most 64 store pages per request. */
+    for (int page = 0; page < 64 && got < limit && more; page++) {
+        kms_key_info *keys = NULL;
+        size_t n = 0;
+        kms_result r = kms_key_list(rq->s->k, after[0] != '\0' ? after : NULL, 256, &keys, &n);
+        if (!kms_is_ok(r)) {
+            json_decref(arr);
+            return r;
+        }
+        more = n == 256;
+        pthread_rwlock_rdlock(&rq->s->lock);
+        size_t i = 0;
+        for (; i < n && got < limit; i++) {
+            if (kms_policy_roles(rq->s->policy, rq->conn->identity, keys[i].name) != 0) {
+                json_array_append_new(arr, key_json(&keys[i]));
+                got++;
+            }
+            memcpy(last, keys[i].name, sizeof(last));
+        }
+        pthread_rwlock_unlock(&rq->s->lock);
+        if (i < n) {
+            more = true;
+        }
+        if (n > 0) {
+            memcpy(after, keys[n - 1].name, sizeof(after));
+        }
+        free(keys);
+    }
+    out->doc = json_pack("{s:o,s:o}", "keys", arr, "next",
+                         more && last[0] != '\0' ? json_string(last) : json_null());
+    KMS_ENSURE(out->doc != NULL, KMS_ERR_NO_MEMORY);
+    out->status = 200;
+    return KMS_OK_RESULT;
+}
+
+static kms_result list_rotations(req_ctx *rq, struct MHD_Connection *conn, reply *out)
+{
+    kms_rotation_filter f = {0};
+    const char *key = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "key");
+    const char *type = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "type");
+    const char *status = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "status");
+    uint64_t from = 0, to = 0, limit = 1000;
+    KMS_GUARD(query_u64(conn, "from", INT64_MAX, &from));
+    KMS_GUARD(query_u64(conn, "to", INT64_MAX, &to));
+    KMS_GUARD(query_u64(conn, "limit", 10000, &limit));
+    if (key != NULL && key[0] != '\0') {
+        KMS_ENSURE_MSG(kms_key_name_valid(key, strlen(key)), KMS_ERR_KEY_NAME_INVALID,
+                       "query parameter 'key': not a key name");
+        f.key = key;
+    }
+    if (type != NULL && type[0] != '\0') {
+        for (int t = KMS_ROTATION_SCHEDULED; t <= KMS_ROTATION_MASTER; t++) {
+            if (strcmp(type, kms_rotation_type_name((kms_rotation_type)t)) == 0) {
+                f.type = t;
+            }
+        }
+        KMS_ENSURE_MSG(f.type != 0, KMS_ERR_INVALID_ARGUMENT,
+                       "query parameter 'type': scheduled, manual, emergency, rollback or master");
+    }
+    if (status != NULL && status[0] != '\0') {
+        for (int t = KMS_ROTATION_STARTED; t <= KMS_ROTATION_ROLLED_BACK; t++) {
+            if (strcmp(status, kms_rotation_status_name((kms_rotation_status)t)) == 0) {
+                f.status = t;
+            }
+        }
+        KMS_ENSURE_MSG(f.status != 0, KMS_ERR_INVALID_ARGUMENT,
+                       "query parameter 'status': started, succeeded, failed or rolled_back");
+    }
+    f.from = (int64_t)from;
+    f.to = (int64_t)to;
+    f.limit = limit == 0 ? 1000 : (size_t)limit;
+    kms_rotation_info *rs = NULL;
+    size_t n = 0;
+    KMS_GUARD(kms_rotations_list(rq->s->k, &f, &rs, &n));
+    json_t *arr = json_array();
+    for (size_t i = 0; i < n && arr != NULL; i++) {
+        json_array_append_new(arr, rotation_json(&rs[i]));
+    }
+    free(rs);
+    out->doc = json_pack("{s:o}", "rotations", arr);
+    KMS_ENSURE(out->doc != NULL, KMS_ERR_NO_MEMORY);
+    out->status = 200;
+    return KMS_OK_RESULT;
+}
+
+static kms_result list_masters(req_ctx *rq, reply *out)
+{
+    kms_master_info *ms = NULL;
+    size_t n = 0;
+    KMS_GUARD(kms_master_list(rq->s->k, &ms, &n));
+    json_t *arr = json_array();
+    for (size_t i = 0; i < n && arr != NULL; i++) {
+        json_array_append_new(
+            arr, json_pack("{s:I,s:o,s:o,s:I,s:b}", "version", (json_int_t)ms[i].version,
+                           "created_at", time_or_null(ms[i].created_at), "retired_at",
+                           time_or_null(ms[i].retired_at), "versions_wrapped",
+                           (json_int_t)ms[i].versions_wrapped, "current", ms[i].current));
+    }
+    free(ms);
+    out->doc = json_pack("{s:o}", "masters", arr);
+    KMS_ENSURE(out->doc != NULL, KMS_ERR_NO_MEMORY);
+    out->status = 200;
+    return KMS_OK_RESULT;
+}
+
+/* ---- readiness ---- */
+
+static void *prober_main(void *arg)
+{
+    kms_api_server *s = arg;
+    pthread_mutex_lock(&s->ready_mu);
+    for (;;) {
+        while (!s->prober_stop && s->ready_done >= s->ready_asked) {
+            pthread_cond_wait(&s->ready_cv, &s->ready_mu);
+        }
+        if (s->prober_stop) {
+            break;
+        }
+        uint64_t gen = s->ready_asked;
+        s->ready_running = true;
+        pthread_mutex_unlock(&s->ready_mu);
+        kms_result r = kms_ready(s->k);
+        char reason[256] = "";
+        if (!kms_is_ok(r)) {
+            snprintf(reason, sizeof(reason), "%s%s%s", kms_error_code(r.err),
+                     kms_error_detail()[0] != '\0' ? ": " : "", kms_error_detail());
+        }
+        pthread_mutex_lock(&s->ready_mu);
+        s->ready_running = false;
+        s->ready_err = r.err;
+        memcpy(s->ready_reason, reason, sizeof(reason));
+        s->ready_done = gen;
+        pthread_cond_broadcast(&s->ready_cv);
+    }
+    pthread_mutex_unlock(&s->ready_mu);
+    return NULL;
+}
+
+static json_t *readiness(kms_api_server *s, int *status)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += s->cfg.ready_timeout_ms / 1000;
+    deadline.tv_nsec += (long)(s->cfg.ready_timeout_ms % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&s->ready_mu);
+    uint64_t want = ++s->ready_asked;
+    pthread_cond_broadcast(&s->ready_cv);
+    int rc = 0;
+    while (s->ready_done < want && rc == 0) {
+        rc = pthread_cond_timedwait(&s->ready_cv, &s->ready_mu, &deadline);
+    }
+    json_t *doc;
+    if (s->ready_done < want) {
+        *status = 503;
+        doc = json_pack("{s:s,s:s}", "status", "not_ready", "reason",
+                        "readiness check timed out (HSM or store not answering)");
+    } else if (s->ready_err != KMS_OK) {
+        *status = 503;
+        doc = json_pack("{s:s,s:s}", "status", "not_ready", "reason", s->ready_reason);
+    } else {
+        *status = 200;
+        doc = json_pack("{s:s}", "status", "ready");
+    }
+    pthread_mutex_unlock(&s->ready_mu);
+    return doc;
+}
+
+/* ---- /metrics (Prometheus text exposition format 0.0.4) ---- */
+
+static kms_result metrics_text(kms_api_server *s, kms_buf *b)
+{
+    char line[512];
+#define EMIT(...)                                                          \
+    do {                                                                   \
+        int n_ = snprintf(line, sizeof(line), __VA_ARGS__);                \
+        KMS_ENSURE(n_ > 0 && (size_t)n_ < sizeof(line), KMS_ERR_INTERNAL); \
+        KMS_GUARD(kms_buf_append(b, line, (size_t)n_));                    \
+    } while (0)
+    EMIT("# HELP kmsd_http_requests_total HTTP requests by route template and status.\n"
+         "# TYPE kmsd_http_requests_total counter\n");
+    for (int r = 1; r < R_COUNT; r++) {
+        for (int i = 0; i < STATUS_SLOTS; i++) {
+            uint64_t v = atomic_load(&s->m->requests[r][i]);
+            if (v != 0) {
+                EMIT("kmsd_http_requests_total{route=\"%s\",status=\"%d\"} %" PRIu64 "\n",
+                     route_template((route_id)r, 0), status_slots[i], v);
+            }
+        }
+    }
+    EMIT("# HELP kmsd_http_request_duration_seconds Request latency by route template.\n"
+         "# TYPE kmsd_http_request_duration_seconds histogram\n");
+    for (int r = 1; r < R_COUNT; r++) {
+        uint64_t cum = 0;
+        for (int i = 0; i <= BUCKETS; i++) {
+            cum += atomic_load(&s->m->bucket[r][i]);
+            if (i < BUCKETS) {
+                EMIT("kmsd_http_request_duration_seconds_bucket{route=\"%s\",le=\"%g\"} %" PRIu64
+                     "\n",
+                     route_template((route_id)r, 0), latency_buckets[i], cum);
+            } else {
+                EMIT("kmsd_http_request_duration_seconds_bucket{route=\"%s\",le=\"+Inf\"} "
+                     "%" PRIu64 "\n",
+                     route_template((route_id)r, 0), cum);
+            }
+        }
+        EMIT("kmsd_http_request_duration_seconds_sum{route=\"%s\"} %.6f\n",
+             route_template((route_id)r, 0), (double)atomic_load(&s->m->sum_us[r]) / 1e6);
+        EMIT("kmsd_http_request_duration_seconds_count{route=\"%s\"} %" PRIu64 "\n",
+             route_template((route_id)r, 0), cum);
+    }
+    EMIT("# HELP kmsd_tls_client_rejections_total Connections refused for their client "
+         "certificate.\n# TYPE kmsd_tls_client_rejections_total counter\n"
+         "kmsd_tls_client_rejections_total %" PRIu64 "\n",
+         atomic_load(&s->m->auth_failures));
+    kms_stats st;
+    if (kms_is_ok(kms_stats_get(s->k, &st))) {
+        EMIT("# HELP kmsd_hsm_calls_total PKCS#11 calls made.\n# TYPE kmsd_hsm_calls_total "
+             "counter\nkmsd_hsm_calls_total %" PRIu64 "\n",
+             st.hsm.calls);
+        EMIT("# HELP kmsd_hsm_errors_total PKCS#11 calls that failed.\n# TYPE "
+             "kmsd_hsm_errors_total counter\nkmsd_hsm_errors_total %" PRIu64 "\n",
+             st.hsm.errors);
+        EMIT("# HELP kmsd_hsm_call_seconds_total Time spent inside PKCS#11 calls.\n# TYPE "
+             "kmsd_hsm_call_seconds_total counter\nkmsd_hsm_call_seconds_total %.6f\n",
+             (double)st.hsm.call_ns / 1e9);
+        EMIT("# HELP kmsd_hsm_recoveries_total HSM session pool re-initialisations.\n# TYPE "
+             "kmsd_hsm_recoveries_total counter\nkmsd_hsm_recoveries_total %" PRIu64 "\n",
+             st.hsm.recoveries);
+        EMIT("# HELP kmsd_hsm_cache_hits_total Version secrets found in the handle cache.\n"
+             "# TYPE kmsd_hsm_cache_hits_total counter\nkmsd_hsm_cache_hits_total %" PRIu64 "\n",
+             st.hsm.cache_hits);
+        EMIT("# HELP kmsd_hsm_cache_misses_total Version secrets unwrapped into the HSM.\n"
+             "# TYPE kmsd_hsm_cache_misses_total counter\nkmsd_hsm_cache_misses_total "
+             "%" PRIu64 "\n",
+             st.hsm.cache_misses);
+        EMIT("# HELP kmsd_keys Keys in the store.\n# TYPE kmsd_keys gauge\nkmsd_keys %zu\n",
+             st.keys);
+        EMIT("# HELP kmsd_keys_due Keys inside their rotation warning window.\n# TYPE "
+             "kmsd_keys_due gauge\nkmsd_keys_due %zu\n",
+             st.keys_due);
+        EMIT("# HELP kmsd_keys_overdue Keys past their rotation period.\n# TYPE "
+             "kmsd_keys_overdue gauge\nkmsd_keys_overdue %zu\n",
+             st.keys_overdue);
+        EMIT("# HELP kmsd_store_map_size_bytes LMDB map size.\n# TYPE kmsd_store_map_size_bytes "
+             "gauge\nkmsd_store_map_size_bytes %zu\n",
+             st.store_map_size);
+        EMIT("# HELP kmsd_store_used_bytes LMDB bytes in use.\n# TYPE kmsd_store_used_bytes "
+             "gauge\nkmsd_store_used_bytes %zu\n",
+             st.store_used_bytes);
+    }
+#undef EMIT
+    return KMS_OK_RESULT;
+}
+
+/* ---- routing ---- */
+
+/* Splits the path into at most 8 segments; false if it has more, or empty
+ * segments. */
+static bool split_path(const char *url, const char *seg[8], size_t len[8], size_t *n)
+{
+    *n = 0;
+    if (url[0] != '/') {
+        return false;
+    }
+    const char *p = url + 1;
+    while (*p != '\0') {
+        const char *slash = strchr(p, '/');
+        size_t l = slash != NULL ? (size_t)(slash - p) : strlen(p);
+        if (l == 0 || *n == 8) {
+            return false;
+        }
+        seg[*n] = p;
+        len[*n] = l;
+        (*n)++;
+        p += l;
+        if (*p == '/') {
+            p++;
+            if (*p == '\0') {
+                return false; /* trailing slash */
+            }
+        }
+    }
+    return true;
+}
+
+static bool seg_is(const char *s, size_t n, const char *lit)
+{
+    return strlen(lit) == n && memcmp(s, lit, n) == 0;
+}
+
+typedef struct {
+    route_id route;
+    const char *method; /* the one method the route takes */
+    const char *method2;
+    kms_err err; /* KMS_OK, or why the path is refused */
+} route_match;
+
+static route_match route_resolve(req_ctx *rq, const char *url)
+{
+    const char *seg[8];
+    size_t len[8], n;
+    route_match m = {R_NONE, NULL, NULL, KMS_ERR_NOT_FOUND};
+    if (!split_path(url, seg, len, &n) || n == 0) {
+        return m;
+    }
+    m.err = KMS_OK;
+    if (n == 1 && seg_is(seg[0], len[0], "healthz")) {
+        m.route = R_HEALTHZ, m.method = "GET";
+    } else if (n == 1 && seg_is(seg[0], len[0], "readyz")) {
+        m.route = R_READYZ, m.method = "GET";
+    } else if (n == 1 && seg_is(seg[0], len[0], "metrics")) {
+        m.route = R_METRICS, m.method = "GET";
+    } else if (n >= 2 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "master")) {
+        if (n == 2) {
+            m.route = R_MASTER, m.method = "GET";
+        } else if (n == 3 && seg_is(seg[2], len[2], "rotate")) {
+            m.route = R_MASTER_ROTATE, m.method = "POST";
+        }
+    } else if (n == 2 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "rotations")) {
+        m.route = R_ROTATIONS, m.method = "GET";
+    } else if (n == 3 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "admin") &&
+               seg_is(seg[2], len[2], "check")) {
+        m.route = R_ADMIN_CHECK, m.method = "POST";
+    } else if (n >= 2 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "keys")) {
+        if (n == 2) {
+            m.route = R_KEYS, m.method = "GET", m.method2 = "POST";
+            return m;
+        }
+        if (!kms_key_name_valid(seg[2], len[2])) {
+            m.err = KMS_ERR_KEY_NAME_INVALID;
+            return m;
+        }
+        memcpy(rq->name, seg[2], len[2]);
+        rq->name[len[2]] = '\0';
+        if (n == 3) {
+            m.route = R_KEY, m.method = "GET", m.method2 = "PATCH";
+        } else if (n == 4 && seg_is(seg[3], len[3], "rotate")) {
+            m.route = R_KEY_ROTATE, m.method = "POST";
+        } else if (n == 4 && seg_is(seg[3], len[3], "rollback")) {
+            m.route = R_KEY_ROLLBACK, m.method = "POST";
+        } else if (n == 4 && (rq->op = op_parse(seg[3], len[3])) != 0) {
+            m.route = R_OP, m.method = "POST";
+        } else if (n == 5 && seg_is(seg[3], len[3], "batch") &&
+                   (rq->op = op_parse(seg[4], len[4])) != 0) {
+            m.route = R_BATCH, m.method = "POST";
+        } else if ((n == 5 || n == 6) && seg_is(seg[3], len[3], "versions")) {
+            uint64_t v = 0;
+            for (size_t i = 0; i < len[4]; i++) {
+                if (seg[4][i] < '0' || seg[4][i] > '9' || v > UINT32_MAX / 10) {
+                    m.err = KMS_ERR_VERSION_NOT_FOUND;
+                    return m;
+                }
+                v = v * 10 + (uint64_t)(seg[4][i] - '0');
+            }
+            if (v == 0 || v > UINT32_MAX) {
+                m.err = KMS_ERR_VERSION_NOT_FOUND;
+                return m;
+            }
+            rq->version = (uint32_t)v;
+            if (n == 5) {
+                m.route = R_VERSION, m.method = "GET";
+            } else if (seg_is(seg[5], len[5], "state")) {
+                m.route = R_VERSION_STATE, m.method = "POST";
+            }
+        }
+    }
+    if (m.route == R_NONE) {
+        m.err = KMS_ERR_NOT_FOUND;
+    }
+    return m;
+}
+
+/* Roles that may use the route (docs/api.md, "Roles"), and whether they
+ * are judged on the key (true) or service-wide (false). */
+static unsigned route_roles(req_ctx *rq, bool *per_key)
+{
+    *per_key = true;
+    bool get = strcmp(rq->method, "GET") == 0;
+    switch (rq->route) {
+    case R_HEALTHZ:
+    case R_READYZ:
+        *per_key = false;
+        return 0; /* any authenticated client */
+    case R_METRICS:
+    case R_MASTER:
+    case R_ROTATIONS:
+        *per_key = false;
+        return rq->route == R_MASTER && !get ? KMS_ROLE_ADMIN : KMS_ROLE_ADMIN | KMS_ROLE_AUDITOR;
+    case R_MASTER_ROTATE:
+    case R_ADMIN_CHECK:
+        *per_key = false;
+        return KMS_ROLE_ADMIN;
+    case R_KEYS:
+        /* POST: admin on the key named in the body, checked by the
+         * handler; GET: filtered per key. */
+        *per_key = false;
+        return get ? 0 : KMS_ROLE_ADMIN;
+    case R_KEY:
+    case R_VERSION:
+        if (get) {
+            return KMS_ROLE_ADMIN | KMS_ROLE_AUDITOR | KMS_ROLE_APP | KMS_ROLE_MIGRATOR;
+        }
+        return KMS_ROLE_ADMIN;
+    case R_KEY_ROTATE:
+    case R_KEY_ROLLBACK:
+    case R_VERSION_STATE:
+        return KMS_ROLE_ADMIN;
+    case R_OP:
+    case R_BATCH:
+        return op_roles(rq->op);
+    default:
+        return 0;
+    }
+}
+
+static bool body_is_secret(const req_ctx *rq)
+{
+    return (rq->route == R_OP || rq->route == R_BATCH) &&
+           (rq->op == KMS_OP_WRAP || rq->op == KMS_OP_ENCRYPT);
+}
+
+/* Runs once the body is complete. */
+static enum MHD_Result dispatch(req_ctx *rq, struct MHD_Connection *conn)
+{
+    kms_api_server *s = rq->s;
+    reply out = {NULL, 200};
+    kms_result res = KMS_OK_RESULT;
+    json_t *body = NULL;
+    kms_caller c = caller_of(rq);
+    bool has_body = strcmp(rq->method, "GET") != 0;
+
+    if (has_body) {
+        KMS_GUARD_GOTO(res, kms_api_body_parse(rq->body.data, rq->body.len, &body), done);
+    }
+    switch (rq->route) {
+    case R_HEALTHZ:
+        out.doc = json_pack("{s:s}", "status", "ok");
+        break;
+    case R_READYZ:
+        out.doc = readiness(s, &out.status);
+        break;
+    case R_METRICS: {
+        kms_buf text;
+        kms_buf_init(&text, 16u << 20);
+        KMS_GUARD_GOTO(res, metrics_text(s, &text), metrics_done);
+        char *copy = kms_api_wipe_malloc(text.len + 1);
+        if (copy == NULL) {
+            res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
+            goto metrics_done;
+        }
+        memcpy(copy, text.data, text.len);
+        kms_buf_free(&text);
+        json_decref(body);
+        return send_text(rq, conn, 200, copy, strlen(copy),
+                         "text/plain; version=0.0.4; charset=utf-8");
+    metrics_done:
+        kms_buf_free(&text);
+        goto done;
+    }
+    case R_KEYS:
+        if (!has_body) {
+            KMS_GUARD_GOTO(res, list_keys(rq, conn, &out), done);
+        } else {
+            kms_api_create_req cr;
+            kms_key_info info;
+            KMS_GUARD_GOTO(res, kms_api_create_parse(body, &cr), done);
+            pthread_rwlock_rdlock(&s->lock);
+            unsigned roles = kms_policy_roles(s->policy, rq->conn->identity, cr.name);
+            pthread_rwlock_unlock(&s->lock);
+            if ((roles & KMS_ROLE_ADMIN) == 0) {
+                res = kms_error_raisef(KMS_ERR_FORBIDDEN, __FILE__, __LINE__,
+                                       "role admin on key '%s' required", cr.name);
+                goto done;
+            }
+            memcpy(rq->name, cr.name, sizeof(rq->name));
+            KMS_GUARD_GOTO(res, kms_key_create(s->k, &c, &cr.spec, &info), done);
+            out.doc = key_json(&info);
+            out.status = 201;
+        }
+        break;
+    case R_KEY:
+        if (!has_body) {
+            KMS_GUARD_GOTO(res, key_with_versions(s->k, rq->name, &out.doc), done);
+        } else {
+            kms_key_update u;
+            kms_key_info info;
+            KMS_GUARD_GOTO(res, kms_api_patch_parse(body, &u), done);
+            KMS_GUARD_GOTO(res, kms_key_update_policy(s->k, &c, rq->name, &u, &info), done);
+            out.doc = key_json(&info);
+        }
+        break;
+    case R_KEY_ROTATE:
+    case R_KEY_ROLLBACK: {
+        kms_api_rotate_req rr;
+        kms_rotation_info ri;
+        kms_key_info info;
+        KMS_GUARD_GOTO(res, kms_api_rotate_parse(body, rq->route == R_KEY_ROTATE, &rr), done);
+        if (rq->route == R_KEY_ROTATE) {
+            KMS_GUARD_GOTO(res, kms_key_rotate(s->k, &c, rq->name, rr.type, rr.reason, &ri), done);
+        } else {
+            KMS_GUARD_GOTO(res, kms_key_rollback(s->k, &c, rq->name, rr.reason, &ri), done);
+        }
+        KMS_GUARD_GOTO(res, kms_key_get(s->k, rq->name, &info), done);
+        out.doc = json_pack("{s:o,s:o}", "rotation", rotation_json(&ri), "key", key_json(&info));
+        break;
+    }
+    case R_VERSION: {
+        kms_version_info v;
+        KMS_GUARD_GOTO(res, kms_version_get(s->k, rq->name, rq->version, &v), done);
+        out.doc = version_json(&v);
+        break;
+    }
+    case R_VERSION_STATE: {
+        kms_api_state_req sr;
+        kms_version_info v;
+        KMS_GUARD_GOTO(res, kms_api_state_parse(body, &sr), done);
+        KMS_GUARD_GOTO(res,
+                       kms_version_set_state(s->k, &c, rq->name, rq->version, sr.action, sr.arg,
+                                             sr.reason, &v),
+                       done);
+        out.doc = version_json(&v);
+        break;
+    }
+    case R_OP:
+        KMS_GUARD_GOTO(res, run_single_op(rq, body, &out), done);
+        break;
+    case R_BATCH:
+        KMS_GUARD_GOTO(res, run_batch(rq, body, &out), done);
+        break;
+    case R_MASTER:
+        KMS_GUARD_GOTO(res, list_masters(rq, &out), done);
+        break;
+    case R_MASTER_ROTATE: {
+        kms_api_rotate_req rr;
+        kms_rotation_info ri;
+        KMS_GUARD_GOTO(res, kms_api_rotate_parse(body, false, &rr), done);
+        KMS_GUARD_GOTO(res, kms_master_rotate(s->k, &c, rr.reason, &ri), done);
+        out.doc = json_pack("{s:o}", "rotation", rotation_json(&ri));
+        break;
+    }
+    case R_ROTATIONS:
+        KMS_GUARD_GOTO(res, list_rotations(rq, conn, &out), done);
+        break;
+    case R_ADMIN_CHECK: {
+        bool repair = false;
+        kms_check_report rep;
+        KMS_GUARD_GOTO(res, kms_api_check_parse(body, &repair), done);
+        KMS_GUARD_GOTO(res, kms_check(s->k, repair, &rep), done);
+        out.doc = json_pack(
+            "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:s}", "keys", (json_int_t)rep.keys, "versions",
+            (json_int_t)rep.versions, "masters", (json_int_t)rep.masters, "problems",
+            (json_int_t)rep.problems, "repaired", (json_int_t)rep.repaired, "orphan_objects",
+            (json_int_t)rep.orphan_objects, "missing_objects", (json_int_t)rep.missing_objects,
+            "unreadable_versions", (json_int_t)rep.unreadable_versions, "summary", rep.summary);
+        break;
+    }
+    default:
+        res = kms_error_raise(KMS_ERR_NOT_FOUND, __FILE__, __LINE__);
+        break;
+    }
+    if (kms_is_ok(res) && out.doc == NULL) {
+        res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
+    }
+done:
+    json_decref(body);
+    if (!kms_is_ok(res)) {
+        json_decref(out.doc);
+        return send_result(rq, conn, res);
+    }
+    return send_json(rq, conn, out.status, out.doc);
+}
+
+/* ---- libmicrohttpd callbacks ---- */
+
+static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    (void)cls;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        conn_ctx *cc = calloc(1, sizeof(*cc));
+        if (cc != NULL) {
+            const union MHD_ConnectionInfo *ci =
+                MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
+            const struct sockaddr *sa = ci != NULL ? ci->client_addr : NULL;
+            if (sa != NULL && sa->sa_family == AF_INET) {
+                inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, cc->addr,
+                          sizeof(cc->addr));
+            } else if (sa != NULL && sa->sa_family == AF_INET6) {
+                inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, cc->addr,
+                          sizeof(cc->addr));
+            }
+        }
+        *socket_context = cc;
+    } else {
+        free(*socket_context);
+        *socket_context = NULL;
+    }
+}
+
+/* Verifies the client certificate on first sight of the connection, and
+ * again after a reload of the CA or CRL, so that a revocation also reaches
+ * kept-alive connections. A connection is served by one thread at a time,
+ * so cc needs no lock of its own. */
+static void conn_verify(kms_api_server *s, struct MHD_Connection *conn, conn_ctx *cc)
+{
+    pthread_rwlock_rdlock(&s->lock);
+    if (cc->verified != 0 && cc->trust_gen == s->trust_gen) {
+        pthread_rwlock_unlock(&s->lock);
+        return;
+    }
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_GNUTLS_SESSION);
+    gnutls_session_t session = ci != NULL ? (gnutls_session_t)ci->tls_session : NULL;
+    bool ok =
+        kms_api_trust_verify(s->trust, session, cc->identity, sizeof(cc->identity), &cc->reason);
+    cc->trust_gen = s->trust_gen;
+    pthread_rwlock_unlock(&s->lock);
+    cc->verified = ok ? 1 : -1;
+    if (!ok) {
+        atomic_fetch_add(&s->m->auth_failures, 1);
+        kms_log(KMS_LOG_WARN, "client %s refused: %s", cc->addr[0] ? cc->addr : "?", cc->reason);
+    }
+}
+
+static bool content_type_json(struct MHD_Connection *conn)
+{
+    const char *ct =
+        MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_TYPE);
+    if (ct == NULL) {
+        return false;
+    }
+    size_t n = strlen("application/json");
+    return strncasecmp(ct, "application/json", n) == 0 &&
+           (ct[n] == '\0' || ct[n] == ';' || ct[n] == ' ');
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls)
+{
+    kms_api_server *s = cls;
+    req_ctx *rq = *con_cls;
+    (void)version;
+    if (rq == NULL) {
+        rq = calloc(1, sizeof(*rq));
+        if (rq == NULL) {
+            return MHD_NO;
+        }
+        *con_cls = rq;
+        rq->s = s;
+        rq->method = method;
+        rq->status = 0;
+        clock_gettime(CLOCK_MONOTONIC, &rq->start);
+        atomic_fetch_add(&s->inflight, 1);
+        if (!kms_is_ok(kms_rand_id_hex(rq->rid))) {
+            memcpy(rq->rid, "0", 2);
+        }
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(conn, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+        rq->conn = ci != NULL ? ci->socket_context : NULL;
+        if (rq->conn == NULL) {
+            return MHD_NO;
+        }
+        conn_verify(s, conn, rq->conn);
+        if (rq->conn->verified < 0) {
+            return send_error(rq, conn, KMS_ERR_UNAUTHENTICATED, rq->conn->reason);
+        }
+        route_match m = route_resolve(rq, url);
+        rq->route = m.route;
+        if (m.err != KMS_OK) {
+            return send_error(rq, conn, m.err, NULL);
+        }
+        if (strcmp(method, m.method) != 0 &&
+            (m.method2 == NULL || strcmp(method, m.method2) != 0)) {
+            snprintf(rq->allow, sizeof(rq->allow), "%s%s%s", m.method, m.method2 ? ", " : "",
+                     m.method2 ? m.method2 : "");
+            return send_error(rq, conn, KMS_ERR_METHOD_NOT_ALLOWED, NULL);
+        }
+        bool per_key;
+        unsigned need = route_roles(rq, &per_key);
+        pthread_rwlock_rdlock(&s->lock);
+        rq->roles = kms_policy_roles(s->policy, rq->conn->identity, per_key ? rq->name : NULL);
+        pthread_rwlock_unlock(&s->lock);
+        if (need != 0 && (rq->roles & need) == 0) {
+            char msg[384];
+            snprintf(msg, sizeof(msg), "identity has no role allowing %s %s%s%s", method,
+                     route_template(rq->route, rq->op), per_key ? " on key " : "",
+                     per_key ? rq->name : "");
+            return send_error(rq, conn, KMS_ERR_FORBIDDEN, msg);
+        }
+        /* Body limits are enforced before a byte of the body is read. */
+        const char *cl =
+            MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
+        if (cl != NULL) {
+            char *end = NULL;
+            errno = 0;
+            unsigned long long n = strtoull(cl, &end, 10);
+            if (errno != 0 || *end != '\0' || n > s->cfg.max_body_bytes) {
+                char msg[96];
+                snprintf(msg, sizeof(msg), "request body exceeds the limit of %zu bytes",
+                         s->cfg.max_body_bytes);
+                return send_error(rq, conn, KMS_ERR_BODY_TOO_LARGE, msg);
+            }
+        }
+        if (strcmp(method, "GET") != 0) {
+            bool announced = cl != NULL && strcmp(cl, "0") != 0;
+            bool chunked = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+                                                       MHD_HTTP_HEADER_TRANSFER_ENCODING) != NULL;
+            if ((announced || chunked) && !content_type_json(conn)) {
+                return send_error(rq, conn, KMS_ERR_UNSUPPORTED_MEDIA_TYPE, NULL);
+            }
+        }
+        if (body_is_secret(rq)) {
+            kms_buf_init_secret(&rq->body, s->cfg.max_body_bytes);
+        } else {
+            kms_buf_init(&rq->body, s->cfg.max_body_bytes);
+        }
+        return MHD_YES;
+    }
+    if (rq->responded) {
+        *upload_data_size = 0; /* discard the rest of a refused request */
+        return MHD_YES;
+    }
+    if (*upload_data_size > 0) {
+        /* Chunked bodies announce no length: count while reading, and once
+         * past the limit keep nothing more. */
+        if (!rq->too_large) {
+            if (*upload_data_size > s->cfg.max_body_bytes - rq->body.len) {
+                rq->too_large = true;
+                kms_buf_free(&rq->body);
+            } else {
+                kms_result ar = kms_buf_append(&rq->body, upload_data, *upload_data_size);
+                if (!kms_is_ok(ar)) {
+                    /* Out of (secure) memory is not the client's fault. */
+                    rq->body_err = ar.err == KMS_ERR_LIMIT_EXCEEDED ? KMS_OK : ar.err;
+                    rq->too_large = true;
+                    kms_buf_free(&rq->body);
+                }
+            }
+        }
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (rq->body_err != KMS_OK) {
+        return send_error(rq, conn, rq->body_err, NULL);
+    }
+    if (rq->too_large) {
+        char msg[96];
+        snprintf(msg, sizeof(msg), "request body exceeds the limit of %zu bytes",
+                 s->cfg.max_body_bytes);
+        return send_error(rq, conn, KMS_ERR_BODY_TOO_LARGE, msg);
+    }
+    return dispatch(rq, conn);
+}
+
+static int status_slot(int status)
+{
+    for (int i = 0; i < STATUS_SLOTS - 1; i++) {
+        if (status_slots[i] == status) {
+            return i;
+        }
+    }
+    return STATUS_SLOTS - 1;
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    kms_api_server *s = cls;
+    req_ctx *rq = *con_cls;
+    (void)conn;
+    if (rq == NULL) {
+        return;
+    }
+    struct timespec end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    uint64_t us = (uint64_t)(end.tv_sec - rq->start.tv_sec) * 1000000u +
+                  (uint64_t)((end.tv_nsec - rq->start.tv_nsec) / 1000);
+    if (rq->route != R_NONE) {
+        double secs = (double)us / 1e6;
+        int b = 0;
+        while (b < BUCKETS && secs > latency_buckets[b]) {
+            b++;
+        }
+        atomic_fetch_add(&s->m->bucket[rq->route][b], 1);
+        atomic_fetch_add(&s->m->sum_us[rq->route], us);
+        atomic_fetch_add(&s->m->requests[rq->route][status_slot(rq->status)], 1);
+    }
+    /* One line per request: never a body, a token or plaintext. */
+    kms_log(
+        rq->status >= 500 ? KMS_LOG_WARN : KMS_LOG_INFO,
+        "request id=%s client=%s identity=%s %s %s%s%s%s%s status=%d%s%s duration_ms=%.3f%s",
+        rq->rid, rq->conn != NULL && rq->conn->addr[0] ? rq->conn->addr : "-",
+        rq->conn != NULL && rq->conn->verified > 0 ? rq->conn->identity : "-",
+        rq->method != NULL ? rq->method : "-", route_template(rq->route, rq->op),
+        rq->op != 0 ? " op=" : "", rq->op != 0 ? op_names[rq->op] : "",
+        rq->name[0] != '\0' ? " key=" : "", rq->name, rq->status,
+        rq->err != KMS_OK ? " error=" : "", rq->err != KMS_OK ? kms_error_code(rq->err) : "",
+        (double)us / 1000.0,
+        toe != MHD_REQUEST_TERMINATED_COMPLETED_OK
+            ? (toe == MHD_REQUEST_TERMINATED_DAEMON_SHUTDOWN
+                   ? " aborted=shutdown"
+                   : (toe == MHD_REQUEST_TERMINATED_CLIENT_ABORT ? " aborted=client" : " aborted"))
+            : "");
+    kms_buf_free(&rq->body);
+    free(rq);
+    *con_cls = NULL;
+    atomic_fetch_sub(&s->inflight, 1);
+}
+
+static void mhd_log(void *cls, const char *fmt, va_list ap)
+{
+    char msg[512];
+    (void)cls;
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    size_t n = strlen(msg);
+    while (n > 0 && msg[n - 1] == '\n') {
+        msg[--n] = '\0';
+    }
+    kms_log(KMS_LOG_DEBUG, "libmicrohttpd: %s", msg);
+}
+
+/* ---- life cycle ---- */
+
+void kms_api_global_init(void)
+{
+    kms_api_json_alloc_init();
+}
+
+KMS_RESULT kms_api_listen(const kms_daemon_config *cfg, int *fds, size_t *n)
+{
+    *n = 0;
+    for (size_t i = 0; i < cfg->listen_count; i++) {
+        const kms_listen_addr *a = &cfg->listen[i];
+        struct sockaddr_storage ss;
+        socklen_t sl;
+        memset(&ss, 0, sizeof(ss));
+        struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+        if (inet_pton(AF_INET, a->host, &s4->sin_addr) == 1) {
+            s4->sin_family = AF_INET;
+            s4->sin_port = htons(a->port);
+            sl = sizeof(*s4);
+        } else if (inet_pton(AF_INET6, a->host, &s6->sin6_addr) == 1) {
+            s6->sin6_family = AF_INET6;
+            s6->sin6_port = htons(a->port);
+            sl = sizeof(*s6);
+        } else {
+            KMS_BAIL_MSG(KMS_ERR_CONFIG, "listen: '%s' is not a numeric address", a->host);
+        }
+        int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        int one = 1;
+        if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+            (ss.ss_family == AF_INET6 &&
+             setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0) ||
+            bind(fd, (struct sockaddr *)&ss, sl) != 0 || listen(fd, 512) != 0) {
+            int e = errno;
+            if (fd >= 0) {
+                close(fd);
+            }
+            for (size_t j = 0; j < *n; j++) {
+                close(fds[j]);
+            }
+            *n = 0;
+            KMS_BAIL_MSG(KMS_ERR_IO, "listen on %s port %u: %s", a->host, a->port, strerror(e));
+        }
+        fds[(*n)++] = fd;
+    }
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_api_tls_check(const kms_daemon_config *cfg)
+{
+    kms_api_trust *t = NULL;
+    KMS_GUARD(kms_api_tls_cert_load(cfg->tls_cert, cfg->tls_key));
+    kms_api_tls_free();
+    KMS_GUARD(kms_api_trust_load(cfg->tls_ca, cfg->tls_crl, &t));
+    kms_api_trust_free(t);
+    return KMS_OK_RESULT;
+}
+
+static kms_result load_ca_pem(const char *path, char **out)
+{
+    size_t len;
+    KMS_GUARD(kms_api_read_file(path, 1024 * 1024, out, &len));
+    return KMS_OK_RESULT;
+}
+
+/* TLS 1.2 and 1.3 only (api-routes.md); GnuTLS's NORMAL cipher suites. */
+#define KMS_TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:%SERVER_PRECEDENCE"
+
+KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int *fds, size_t n,
+                                unsigned threads, kms_api_server **out)
+{
+    kms_api_server *s = calloc(1, sizeof(*s));
+    KMS_ENSURE(s != NULL, KMS_ERR_NO_MEMORY);
+    kms_result res = KMS_OK_RESULT;
+    s->cfg = *cfg;
+    s->k = k;
+    s->m = shared_metrics != NULL ? shared_metrics : &s->own_metrics;
+    kms_log_set_level(cfg->log_level);
+    pthread_rwlock_init(&s->lock, NULL);
+    pthread_mutex_init(&s->ready_mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->ready_cv, &ca);
+    pthread_condattr_destroy(&ca);
+
+    KMS_GUARD_GOTO(res, kms_api_tls_cert_load(cfg->tls_cert, cfg->tls_key), fail);
+    KMS_GUARD_GOTO(res, load_ca_pem(cfg->tls_ca, &s->ca_pem), fail);
+    KMS_GUARD_GOTO(res, kms_api_trust_load(cfg->tls_ca, cfg->tls_crl, &s->trust), fail);
+    KMS_GUARD_GOTO(res, kms_policy_load(cfg->policy, &s->policy), fail);
+    if (pthread_create(&s->prober, NULL, prober_main, s) != 0) {
+        res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
+        goto fail;
+    }
+    s->prober_started = true;
+
+    for (size_t i = 0; i < n; i++) {
+        unsigned flags = MHD_USE_TLS | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL |
+                         MHD_USE_ITC | MHD_USE_ERROR_LOG;
+        struct MHD_OptionItem opts[] = {
+            {MHD_OPTION_LISTEN_SOCKET, fds[i], NULL},
+            {MHD_OPTION_HTTPS_CERT_CALLBACK, 0, (void *)kms_api_tls_cert_retrieve},
+            {MHD_OPTION_HTTPS_MEM_TRUST, 0, s->ca_pem},
+            {MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)KMS_TLS_PRIORITIES},
+            {MHD_OPTION_CONNECTION_TIMEOUT, (intptr_t)cfg->connection_timeout_s, NULL},
+            {MHD_OPTION_CONNECTION_LIMIT, (intptr_t)cfg->connection_limit, NULL},
+            {MHD_OPTION_PER_IP_CONNECTION_LIMIT, (intptr_t)cfg->per_ip_connection_limit, NULL},
+            {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, NULL},
+            {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, s},
+            {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_log, NULL},
+            {MHD_OPTION_THREAD_POOL_SIZE, (intptr_t)(threads > 1 ? threads : 0), NULL},
+            {MHD_OPTION_END, 0, NULL},
+        };
+        s->daemons[i] = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_ARRAY,
+                                         opts, MHD_OPTION_END);
+        if (s->daemons[i] == NULL) {
+            res = kms_error_raisef(KMS_ERR_IO, __FILE__, __LINE__,
+                                   "libmicrohttpd did not start on listener %zu", i);
+            goto fail;
+        }
+        s->daemon_count++;
+    }
+    *out = s;
+    return KMS_OK_RESULT;
+fail:
+    kms_api_server_free(s);
+    return res;
+}
+
+KMS_RESULT kms_api_server_reload(kms_api_server *s)
+{
+    kms_result first = KMS_OK_RESULT;
+    kms_policy *p = NULL;
+    kms_result r = kms_policy_load(s->cfg.policy, &p);
+    if (kms_is_ok(r)) {
+        pthread_rwlock_wrlock(&s->lock);
+        kms_policy *old = s->policy;
+        s->policy = p;
+        pthread_rwlock_unlock(&s->lock);
+        kms_policy_free(old);
+        kms_log(KMS_LOG_INFO, "policy reloaded: %zu rules", kms_policy_rule_count(p));
+    } else {
+        kms_log(KMS_LOG_ERROR, "policy not reloaded, previous policy stays in force: %s",
+                kms_error_detail());
+        first = r;
+    }
+    r = kms_api_tls_cert_load(s->cfg.tls_cert, s->cfg.tls_key);
+    if (kms_is_ok(r)) {
+        kms_log(KMS_LOG_INFO, "server certificate reloaded");
+    } else {
+        kms_log(KMS_LOG_ERROR, "server certificate not reloaded, previous one stays: %s",
+                kms_error_detail());
+        first = kms_is_ok(first) ? r : first;
+    }
+    kms_api_trust *t = NULL;
+    r = kms_api_trust_load(s->cfg.tls_ca, s->cfg.tls_crl, &t);
+    if (kms_is_ok(r)) {
+        pthread_rwlock_wrlock(&s->lock);
+        kms_api_trust *old = s->trust;
+        s->trust = t;
+        s->trust_gen++;
+        pthread_rwlock_unlock(&s->lock);
+        kms_api_trust_free(old);
+    } else {
+        kms_log(KMS_LOG_ERROR, "CA/CRL not reloaded, previous ones stay: %s", kms_error_detail());
+        first = kms_is_ok(first) ? r : first;
+    }
+    return first;
+}
+
+void kms_api_server_shutdown(kms_api_server *s)
+{
+    atomic_store(&s->draining, true);
+    for (size_t i = 0; i < s->daemon_count; i++) {
+        /* Quiescing hands the listening socket back; closing it here closes
+         * only this process's copy (a supervisor keeps its own). */
+        MHD_socket fd = MHD_quiesce_daemon(s->daemons[i]);
+        if (fd != MHD_INVALID_SOCKET) {
+            close(fd);
+        }
+    }
+    /* Drain: requests already received are answered; bounded wait. */
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    long waited_ms = 0;
+    while (atomic_load(&s->inflight) > 0 && waited_ms < (long)s->cfg.drain_timeout_s * 1000) {
+        struct timespec d = {0, 10 * 1000000L};
+        nanosleep(&d, NULL);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        waited_ms = (now.tv_sec - t0.tv_sec) * 1000 + (now.tv_nsec - t0.tv_nsec) / 1000000;
+    }
+    if (atomic_load(&s->inflight) > 0) {
+        kms_log(KMS_LOG_WARN, "drain timeout: %ld requests still in flight",
+                (long)atomic_load(&s->inflight));
+    }
+    for (size_t i = 0; i < s->daemon_count; i++) {
+        MHD_stop_daemon(s->daemons[i]);
+        s->daemons[i] = NULL;
+    }
+    s->daemon_count = 0;
+}
+
+void kms_api_server_free(kms_api_server *s)
+{
+    if (s == NULL) {
+        return;
+    }
+    for (size_t i = 0; i < s->daemon_count; i++) {
+        MHD_stop_daemon(s->daemons[i]);
+    }
+    if (s->prober_started) {
+        pthread_mutex_lock(&s->ready_mu);
+        s->prober_stop = true;
+        pthread_cond_broadcast(&s->ready_cv);
+        pthread_mutex_unlock(&s->ready_mu);
+        pthread_join(s->prober, NULL);
+    }
+    kms_policy_free(s->policy);
+    kms_api_trust_free(s->trust);
+    free(s->ca_pem);
+    pthread_rwlock_destroy(&s->lock);
+    pthread_mutex_destroy(&s->ready_mu);
+    pthread_cond_destroy(&s->ready_cv);
+    kms_api_tls_free();
+    free(s);
+}
