@@ -8,6 +8,7 @@
  */
 #define _GNU_SOURCE
 #include "kms_api_internal.h"
+#include "kms_api_rotation.h"
 #include "kms_api_tls.h"
 #include "kms_base64.h"
 #include "kms_rand.h"
@@ -86,6 +87,8 @@ typedef enum {
     R_MASTER_ROTATE,
     R_ROTATIONS,
     R_ADMIN_CHECK,
+    R_STATUS,
+    R_REPORT,
     R_COUNT
 } route_id;
 
@@ -123,6 +126,10 @@ static const char *route_template(route_id r, kms_op op)
         return "/v1/rotations";
     case R_ADMIN_CHECK:
         return "/v1/admin/check";
+    case R_STATUS:
+        return "/v1/status";
+    case R_REPORT:
+        return "/v1/report";
     default:
         return "unknown";
     }
@@ -299,12 +306,22 @@ static enum MHD_Result send_json(req_ctx *rq, struct MHD_Connection *conn, int s
     return send_text(rq, conn, status, text, n + 1, "application/json");
 }
 
+/* The message a client sees. A token that fails to parse, names another
+ * key or fails its tag check must be indistinguishable (no decryption
+ * oracle, STYLE.md): for invalid_token the table's message is the only one
+ * ever sent, whatever detail the layer that raised it recorded. */
+static const char *public_message(kms_err err, const char *detail)
+{
+    if (err == KMS_ERR_TOKEN_INVALID || detail == NULL || detail[0] == '\0') {
+        return kms_error_message(err);
+    }
+    return detail;
+}
+
 static enum MHD_Result send_error(req_ctx *rq, struct MHD_Connection *conn, kms_err err,
                                   const char *message)
 {
-    if (message == NULL || message[0] == '\0') {
-        message = kms_error_message(err);
-    }
+    message = public_message(err, message);
     rq->err = err;
     json_t *doc = json_pack("{s:{s:s,s:s},s:s}", "error", "code", kms_error_code(err), "message",
                             message, "request_id", rq->rid);
@@ -515,9 +532,7 @@ static kms_result run_single_op(req_ctx *rq, json_t *body, reply *out)
 
 static json_t *item_error_json(kms_err err, const char *msg)
 {
-    if (msg == NULL || msg[0] == '\0') {
-        msg = kms_error_message(err);
-    }
+    msg = public_message(err, msg);
     return json_pack("{s:{s:s,s:s}}", "error", "code", kms_error_code(err), "message", msg);
 }
 
@@ -988,6 +1003,10 @@ static route_match route_resolve(req_ctx *rq, const char *url)
         }
     } else if (n == 2 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "rotations")) {
         m.route = R_ROTATIONS, m.method = "GET";
+    } else if (n == 2 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "status")) {
+        m.route = R_STATUS, m.method = "GET";
+    } else if (n == 2 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "report")) {
+        m.route = R_REPORT, m.method = "GET";
     } else if (n == 3 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "admin") &&
                seg_is(seg[2], len[2], "check")) {
         m.route = R_ADMIN_CHECK, m.method = "POST";
@@ -1054,6 +1073,8 @@ static unsigned route_roles(req_ctx *rq, bool *per_key)
     case R_METRICS:
     case R_MASTER:
     case R_ROTATIONS:
+    case R_STATUS:
+    case R_REPORT:
         *per_key = false;
         return rq->route == R_MASTER && !get ? KMS_ROLE_ADMIN : KMS_ROLE_ADMIN | KMS_ROLE_AUDITOR;
     case R_MASTER_ROTATE:
@@ -1150,7 +1171,14 @@ static enum MHD_Result dispatch(req_ctx *rq, struct MHD_Connection *conn)
         break;
     case R_KEY:
         if (!has_body) {
+            const char *uses = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "uses");
+            KMS_GUARD_GOTO(res, kms_api_uses_param(uses), done);
             KMS_GUARD_GOTO(res, key_with_versions(s->k, rq->name, &out.doc), done);
+            if (uses != NULL && strcmp(uses, "true") == 0) {
+                /* Per version: uses in the last 30 days, from the audit log
+                 * (a scan of it: only when asked). */
+                kms_api_versions_add_uses(s->k, rq->name, json_object_get(out.doc, "versions"));
+            }
         } else {
             kms_key_update u;
             kms_key_info info;
@@ -1172,6 +1200,19 @@ static enum MHD_Result dispatch(req_ctx *rq, struct MHD_Connection *conn)
         }
         KMS_GUARD_GOTO(res, kms_key_get(s->k, rq->name, &info), done);
         out.doc = json_pack("{s:o,s:o}", "rotation", rotation_json(&ri), "key", key_json(&info));
+        if (out.doc != NULL && rq->route == R_KEY_ROTATE && rr.type == KMS_ROTATION_EMERGENCY) {
+            /* Who used the compromised version (issue 4 section 2). The
+             * rotation is done whatever happens here: a report that cannot
+             * be built is null in the answer and logged, not an error. */
+            json_t *usage = NULL;
+            kms_result ur =
+                kms_api_usage_doc(s->k, rq->name, ri.from_version, rr.lookback_s, &usage);
+            if (!kms_is_ok(ur)) {
+                kms_log(KMS_LOG_WARN, "rid=%s usage report of key=%s v%u failed: %s", rq->rid,
+                        rq->name, ri.from_version, kms_error_code(ur.err));
+            }
+            json_object_set_new(out.doc, "usage", kms_is_ok(ur) ? usage : json_null());
+        }
         break;
     }
     case R_VERSION: {
@@ -1210,6 +1251,21 @@ static enum MHD_Result dispatch(req_ctx *rq, struct MHD_Connection *conn)
     }
     case R_ROTATIONS:
         KMS_GUARD_GOTO(res, list_rotations(rq, conn, &out), done);
+        break;
+    case R_STATUS:
+        KMS_GUARD_GOTO(
+            res,
+            kms_api_status_doc(
+                s->k, MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "due_within"),
+                MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "overdue"), &out.doc),
+            done);
+        break;
+    case R_REPORT:
+        KMS_GUARD_GOTO(
+            res,
+            kms_api_report_doc(
+                s->k, MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "month"), &out.doc),
+            done);
         break;
     case R_ADMIN_CHECK: {
         bool repair = false;
