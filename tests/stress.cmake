@@ -1,0 +1,56 @@
+# Stress tests: HSM torture at the domain level, kill -9, scale (tests/stress/).
+# Registered only once the layers they drive exist, so that configuring the
+# tree never depends on another area being finished.
+if(TARGET kms_core AND TARGET kms_testlib)
+  add_library(kms_stress_util STATIC ${KMS_TEST_SOURCE_DIR}/stress/stress_util.c)
+  target_link_libraries(kms_stress_util PUBLIC kms_core)
+  target_include_directories(kms_stress_util PUBLIC ${KMS_TEST_SOURCE_DIR}/stress)
+
+  if(TARGET kmsfault)
+    kms_add_test(kms_torture_test
+      SOURCES ${KMS_TEST_SOURCE_DIR}/stress/torture_test.c
+      LIBS kms_stress_util kms_testlib kms_core PkgConfig::P11KIT
+      LABELS hsm-fault
+      TIMEOUT 240)
+    add_dependencies(kms_torture_test kmsfault)
+  endif()
+
+  # The victim of the crash test: rotates and wraps until SIGKILLed.
+  add_executable(kms_rotate_loop ${KMS_TEST_SOURCE_DIR}/stress/rotate_loop.c)
+  target_link_libraries(kms_rotate_loop PRIVATE kms_stress_util kms_core)
+
+  kms_add_test(kms_crash_test
+    SOURCES ${KMS_TEST_SOURCE_DIR}/stress/crash_test.c
+    LIBS kms_stress_util kms_testlib kms_core
+    LABELS integration
+    TIMEOUT 300)
+  target_compile_definitions(kms_crash_test PRIVATE
+    KMS_ROTATE_LOOP_PATH="$<TARGET_FILE:kms_rotate_loop>")
+  add_dependencies(kms_crash_test kms_rotate_loop)
+  # The same executable, second group: several processes on one store and
+  # token at once (kmsd's workers = processes:N), see test_two_writers.
+  add_test(NAME kms_multiproc_test COMMAND kms_crash_test two-writers)
+  set_tests_properties(kms_multiproc_test PROPERTIES LABELS integration TIMEOUT 120
+    ENVIRONMENT "KMS_SOFTHSM_MODULE=${KMS_SOFTHSM_MODULE};KMS_BUILD_DIR=${CMAKE_BINARY_DIR};KMS_SOURCE_DIR=${CMAKE_SOURCE_DIR}")
+
+  kms_add_test(kms_scale_test
+    SOURCES ${KMS_TEST_SOURCE_DIR}/stress/scale_test.c
+    LIBS kms_stress_util kms_testlib kms_core Threads::Threads
+    LABELS integration
+    TIMEOUT 600)
+endif()
+
+# kms-bench's core mode end to end on a throwaway token (short cells): the
+# tool runs standalone, its worker processes start, and it prints every cell.
+if(TARGET kms-bench)
+  add_test(NAME kms_bench_smoke
+    COMMAND kms-bench core --throwaway --seconds 0.3 --json)
+  set_tests_properties(kms_bench_smoke PROPERTIES LABELS integration TIMEOUT 120
+    ENVIRONMENT "KMS_SOFTHSM_MODULE=${KMS_SOFTHSM_MODULE}"
+    PASS_REGULAR_EXPRESSION "\"ratio_unwrap\":\\[[0-9.]+,[0-9.]+,[0-9.]+\\]")
+endif()
+if(TARGET kms_scale_test)
+  # cmocka exits 0 for a skipped test: let ctest say "skipped" (the
+  # sanitizer build skips the scale test, see scale_test.c).
+  set_tests_properties(kms_scale_test PROPERTIES SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+endif()

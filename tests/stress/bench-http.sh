@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# tests/stress/bench-http.sh BUILD_DIR [kms-bench http options...]
+#
+# Runs `kms-bench http` against a throwaway kmsd: a fresh SoftHSM token
+# (kms-token init, PINs in 0600 files), a fresh LMDB store and a development
+# PKI (certs/make-dev-pki) in a temporary directory; kmsd listens on a random
+# loopback port and is stopped (SIGTERM) and everything removed at the end.
+#
+#   WORKERS=processes:2 tests/stress/bench-http.sh build --seconds 3
+#
+# Environment: WORKERS (kmsd's workers option; default: kmsd's default),
+# KMSD_CONF_EXTRA (lines appended to kmsd's config, e.g.
+# "process_threads = 32"),
+# AUDIT (kmsd's audit option, on or off; default on),
+# KMS_SOFTHSM_MODULE (default /usr/lib/softhsm/libsofthsm2.so),
+# PERF_DATA=FILE (record a CPU profile of kmsd with `perf record -g`; the
+# CPU figures of that run then include perf's own overhead).
+# The raw PKCS#11 baseline is measured on the same token, so the comparison
+# columns are filled in.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/../.." && pwd)
+build=$(cd "${1:?usage: $0 BUILD_DIR [kms-bench http options]}" && pwd)
+shift
+module=${KMS_SOFTHSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/kms-bench-http-XXXXXX")
+kmsd_pid=""
+cleanup() {
+    if [ -n "$kmsd_pid" ] && kill -0 "$kmsd_pid" 2>/dev/null; then
+        # kmsd runs in a process group of its own (setsid below): stop the
+        # whole group, worker processes included.
+        kill -TERM -- "-$kmsd_pid" 2>/dev/null || kill -TERM "$kmsd_pid" 2>/dev/null || true
+        wait "$kmsd_pid" 2>/dev/null || true
+    fi
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+"$here/certs/make-dev-pki" "$tmp/pki" >/dev/null
+mkdir -p "$tmp/tokens" "$tmp/store"
+cat >"$tmp/softhsm2.conf" <<CONF
+directories.tokendir = $tmp/tokens
+objectstore.backend = file
+log.level = ERROR
+slots.removable = false
+CONF
+export SOFTHSM2_CONF="$tmp/softhsm2.conf"
+label="kmsd-bench-$$"
+"$build/tools/kms-token" init --module "$module" --label "$label" \
+    --pin-file "$tmp/user.pin" --so-pin-file "$tmp/so.pin" --generate >/dev/null
+
+cat >"$tmp/policy.json" <<'POLICY'
+{"rules": [
+  {"identity": "spiffe://kmsd.dev/app", "role": "app", "keys": ["*"]},
+  {"identity": "spiffe://kmsd.dev/admin", "role": "admin", "keys": ["*"]}
+]}
+POLICY
+
+port=$((20000 + RANDOM % 20000))
+{
+    echo "listen = 127.0.0.1:$port"
+    echo "tls_cert = $tmp/pki/server.crt"
+    echo "tls_key = $tmp/pki/server.key"
+    echo "tls_ca = $tmp/pki/ca.crt"
+    echo "policy = $tmp/policy.json"
+    echo "store_path = $tmp/store"
+    echo "hsm_module = $module"
+    echo "hsm_token_uri = pkcs11:token=$label"
+    echo "hsm_pin_file = $tmp/user.pin"
+    if [ -n "${WORKERS:-}" ]; then echo "workers = $WORKERS"; fi
+    if [ -n "${KMSD_CONF_EXTRA:-}" ]; then printf '%s\n' "$KMSD_CONF_EXTRA"; fi
+    # AUDIT=off: kmsd's benchmark-only switch (docs/audit.md), to measure
+    # what the durable audit trail costs.
+    if [ -n "${AUDIT:-}" ]; then echo "audit = $AUDIT"; fi
+} >"$tmp/kmsd.conf"
+
+# Its own process group, so kms-bench sums the CPU of every worker process.
+perf_cmd=()
+if [ -n "${PERF_DATA:-}" ]; then perf_cmd=(perf record -q -g -F 499 -o "$PERF_DATA" --); fi
+setsid "${perf_cmd[@]}" "$build/tools/kmsd" --config "$tmp/kmsd.conf" 2>"$tmp/kmsd.log" &
+kmsd_pid=$!
+pki=$tmp/pki
+for _ in $(seq 1 100); do
+    if curl -fsS --cacert "$pki/ca.crt" --cert "$pki/app.crt" --key "$pki/app.key" \
+        "https://127.0.0.1:$port/healthz" >/dev/null 2>&1; then
+        break
+    fi
+    sleep 0.1
+done
+
+"$build/tools/kms-bench" http --url "https://127.0.0.1:$port" \
+    --cert "$pki/app.crt" --key "$pki/app.key" --cacert "$pki/ca.crt" \
+    --admin-cert "$pki/admin.crt" --admin-key "$pki/admin.key" \
+    --server-pid "$kmsd_pid" \
+    --module "$module" --token-uri "pkcs11:token=$label" --pin-file "$tmp/user.pin" "$@"

@@ -1,0 +1,715 @@
+/*
+ * kms-bench http: drives a running kmsd over HTTPS with keep-alive clients
+ * (one libcurl easy handle per connection, one thread each, so that a
+ * connection count is exactly that many TLS connections) and reports
+ * requests/s, latency percentiles and the server's CPU time per request,
+ * next to the floor (/healthz) and the raw PKCS#11 baseline.
+ */
+#define _GNU_SOURCE
+#include "kms_bench.h"
+
+#include "kms_base64.h"
+#include "kms_rand.h"
+
+#include <curl/curl.h>
+#include <dirent.h>
+#include <errno.h>
+#include <time.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define HTTP_BATCH_ITEMS   1000
+#define HTTP_LAT_MAX       (1u << 22) /* latencies kept per thread */
+#define HTTP_TARGET_CPU    1.25       /* CPU per wrap <= 1.25 x (floor + raw op) */
+#define HTTP_TARGET_BATCH  0.8        /* rewrap items/s >= 0.8 x raw dec+enc */
+#define HTTP_TARGET_P99_MS 2.0        /* p99 wrap at 16 connections */
+
+typedef enum { H_HEALTHZ = 0, H_WRAP, H_UNWRAP, H_DATAKEY, H_REWRAP_BATCH, H_COUNT } http_op;
+
+static const char *const http_op_names[H_COUNT] = {"healthz", "wrap", "unwrap", "datakey",
+                                                   "batch rewrap"};
+/* Names for --ops (no spaces). */
+static const char *const http_op_keys[H_COUNT] = {"healthz", "wrap", "unwrap", "datakey",
+                                                  "rewrap-batch"};
+
+/* Whether --ops (comma-separated; NULL = all) names op. */
+static bool op_selected(const kms_bench_opts *o, http_op op)
+{
+    if (o->ops == NULL) {
+        return true;
+    }
+    size_t n = strlen(http_op_keys[op]);
+    for (const char *p = o->ops; *p != '\0';) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == n && memcmp(p, http_op_keys[op], n) == 0) {
+            return true;
+        }
+        p += len + (end ? 1 : 0);
+    }
+    return false;
+}
+
+typedef struct {
+    CURL *h;
+    struct curl_slist *headers;
+    char *resp;
+    size_t resp_len, resp_cap;
+} http_client;
+
+static size_t on_body(char *p, size_t size, size_t n, void *arg)
+{
+    http_client *c = arg;
+    size_t len = size * n;
+    if (c->resp_len + len + 1 > c->resp_cap) {
+        size_t cap = (c->resp_len + len + 1) * 2;
+        char *q = realloc(c->resp, cap);
+        if (q == NULL) {
+            return 0;
+        }
+        c->resp = q;
+        c->resp_cap = cap;
+    }
+    memcpy(c->resp + c->resp_len, p, len);
+    c->resp_len += len;
+    c->resp[c->resp_len] = '\0';
+    return len;
+}
+
+static int client_init(http_client *c, const kms_bench_opts *o, const char *cert, const char *key)
+{
+    memset(c, 0, sizeof(*c));
+    c->h = curl_easy_init();
+    if (c->h == NULL) {
+        return -1;
+    }
+    c->headers = curl_slist_append(NULL, "Content-Type: application/json");
+    curl_easy_setopt(c->h, CURLOPT_HTTPHEADER, c->headers);
+    curl_easy_setopt(c->h, CURLOPT_SSLCERT, cert);
+    curl_easy_setopt(c->h, CURLOPT_SSLKEY, key);
+    curl_easy_setopt(c->h, CURLOPT_CAINFO, o->cacert);
+    curl_easy_setopt(c->h, CURLOPT_WRITEFUNCTION, on_body);
+    curl_easy_setopt(c->h, CURLOPT_WRITEDATA, c);
+    curl_easy_setopt(c->h, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(c->h, CURLOPT_TCP_NODELAY, 1L);
+    curl_easy_setopt(c->h, CURLOPT_TIMEOUT, 60L);
+    curl_easy_setopt(c->h, CURLOPT_HTTP_VERSION, (long)CURL_HTTP_VERSION_1_1);
+    return 0;
+}
+
+static void client_free(http_client *c)
+{
+    if (c->h != NULL) {
+        curl_easy_cleanup(c->h);
+    }
+    curl_slist_free_all(c->headers);
+    free(c->resp);
+    memset(c, 0, sizeof(*c));
+}
+
+/* One request on the client's connection (kept alive between calls).
+ * Returns the HTTP status, or -1 on a transport error. */
+static long client_do(http_client *c, const char *url, const char *body)
+{
+    c->resp_len = 0;
+    if (c->resp != NULL) {
+        c->resp[0] = '\0';
+    }
+    curl_easy_setopt(c->h, CURLOPT_URL, url);
+    if (body != NULL) {
+        curl_easy_setopt(c->h, CURLOPT_POSTFIELDS, body);
+        curl_easy_setopt(c->h, CURLOPT_POSTFIELDSIZE, (long)strlen(body));
+    } else {
+        curl_easy_setopt(c->h, CURLOPT_HTTPGET, 1L);
+    }
+    if (curl_easy_perform(c->h) != CURLE_OK) {
+        return -1;
+    }
+    long status = 0;
+    curl_easy_getinfo(c->h, CURLINFO_RESPONSE_CODE, &status);
+    return status;
+}
+
+/* ---- server CPU from /proc ---- */
+
+/* utime+stime (seconds) and pgrp of one process, from /proc/PID/stat; the
+ * comm field may hold spaces, so parsing starts after its ')'. */
+static int proc_stat(const char *pid, long *pgrp, double *cpu_s)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%s/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        return -1;
+    }
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');
+    if (p == NULL) {
+        return -1;
+    }
+    /* fields from 3: state ppid pgrp session tty tpgid flags minflt cminflt
+     * majflt cmajflt utime stime */
+    char state;
+    long ppid, grp, session, tty, tpgid;
+    unsigned long flags, minflt, cminflt, majflt, cmajflt, utime, stime;
+    if (sscanf(p + 2, "%c %ld %ld %ld %ld %ld %lu %lu %lu %lu %lu %lu %lu", &state, &ppid, &grp,
+               &session, &tty, &tpgid, &flags, &minflt, &cminflt, &majflt, &cmajflt, &utime,
+               &stime) != 13) {
+        return -1;
+    }
+    *pgrp = grp;
+    *cpu_s = (double)(utime + stime) / (double)sysconf(_SC_CLK_TCK);
+    return 0;
+}
+
+/* CPU seconds of every process in the server's process group (kmsd's
+ * worker processes included); < 0 if the server is gone. */
+static double server_cpu(long server_pid)
+{
+    char pid[32];
+    snprintf(pid, sizeof(pid), "%ld", server_pid);
+    long pgrp = 0;
+    double cpu = 0;
+    if (proc_stat(pid, &pgrp, &cpu) != 0) {
+        return -1;
+    }
+    DIR *d = opendir("/proc");
+    if (d == NULL) {
+        return cpu;
+    }
+    double sum = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9') {
+            continue;
+        }
+        long g = 0;
+        double c = 0;
+        if (proc_stat(e->d_name, &g, &c) == 0 && g == pgrp) {
+            sum += c;
+        }
+    }
+    closedir(d);
+    return sum;
+}
+
+/* ---- load threads ---- */
+
+typedef struct {
+    const kms_bench_opts *o;
+    const char *url;
+    const char *body;
+    double seconds;
+    pthread_barrier_t *start;
+    double interval; /* open loop: seconds between this thread's sends; 0 = closed loop */
+    double phase;    /* open loop: offset of this thread's first send */
+    uint32_t *lat_us;
+    size_t n_lat;
+    uint64_t ok, errors;
+    long last_bad_status;
+    double elapsed;
+} load_thread;
+
+static void *load_run(void *arg)
+{
+    load_thread *t = arg;
+    http_client c;
+    bool usable = client_init(&c, t->o, t->o->cert, t->o->key) == 0;
+    /* Warm-up request: the TLS handshake is not part of the measurement. */
+    if (usable && client_do(&c, t->url, t->body) != 200) {
+        usable = false;
+    }
+    (void)pthread_barrier_wait(t->start);
+    double t0 = kms_bench_now(), end = t0 + t->seconds, next = t0 + t->phase;
+    while (usable) {
+        double a;
+        if (t->interval > 0) {
+            /* Open loop: send at the scheduled time, and count latency from
+             * it, so that time spent waiting for a late server counts. */
+            if (next >= end) {
+                break;
+            }
+            struct timespec ts = {(time_t)next, (long)((next - (double)(time_t)next) * 1e9)};
+            while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {
+            }
+            a = next;
+            next += t->interval;
+        } else {
+            a = kms_bench_now();
+            if (a >= end) {
+                break;
+            }
+        }
+        long st = client_do(&c, t->url, t->body);
+        double b = kms_bench_now();
+        if (st == 200) {
+            t->ok++;
+            if (t->n_lat < HTTP_LAT_MAX) {
+                t->lat_us[t->n_lat++] = (uint32_t)((b - a) * 1e6);
+            }
+        } else {
+            t->errors++;
+            t->last_bad_status = st;
+        }
+    }
+    if (!usable) {
+        t->errors++;
+    }
+    t->elapsed = kms_bench_now() - t0;
+    client_free(&c);
+    return NULL;
+}
+
+typedef struct {
+    http_op op;
+    unsigned conns;
+    double req_s;
+    double items_s;
+    double p50_ms, p99_ms;
+    uint64_t requests, errors;
+    double cpu_us_per_req; /* < 0: not measured */
+} http_result;
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, const char *url,
+                        const char *body, http_result *res)
+{
+    load_thread *th = calloc(conns, sizeof(*th));
+    pthread_t *tid = calloc(conns, sizeof(*tid));
+    pthread_barrier_t bar;
+    if (th == NULL || tid == NULL || pthread_barrier_init(&bar, NULL, conns + 1) != 0) {
+        free(th);
+        free(tid);
+        return -1;
+    }
+    size_t per_thread = HTTP_LAT_MAX;
+    for (unsigned i = 0; i < conns; i++) {
+        th[i] =
+            (load_thread){.o = o, .url = url, .body = body, .seconds = o->seconds, .start = &bar};
+        if (o->rate > 0 && op != H_REWRAP_BATCH) {
+            th[i].interval = (double)conns / o->rate;
+            th[i].phase = th[i].interval * (double)i / (double)conns;
+        }
+        th[i].lat_us = malloc(per_thread * sizeof(uint32_t));
+        if (th[i].lat_us == NULL || pthread_create(&tid[i], NULL, load_run, &th[i]) != 0) {
+            abort(); /* out of memory or threads: nothing sensible to measure */
+        }
+    }
+    double cpu0 = o->server_pid > 0 ? server_cpu(o->server_pid) : -1;
+    (void)pthread_barrier_wait(&bar);
+    double t0 = kms_bench_now();
+    uint64_t ok = 0, errors = 0;
+    size_t n_lat = 0;
+    long bad = 0;
+    for (unsigned i = 0; i < conns; i++) {
+        (void)pthread_join(tid[i], NULL);
+    }
+    double elapsed = kms_bench_now() - t0;
+    double cpu1 = o->server_pid > 0 ? server_cpu(o->server_pid) : -1;
+    for (unsigned i = 0; i < conns; i++) {
+        ok += th[i].ok;
+        errors += th[i].errors;
+        n_lat += th[i].n_lat;
+        if (th[i].last_bad_status != 0) {
+            bad = th[i].last_bad_status;
+        }
+    }
+    uint32_t *all = malloc((n_lat ? n_lat : 1) * sizeof(uint32_t));
+    if (all == NULL) {
+        abort();
+    }
+    size_t k = 0;
+    for (unsigned i = 0; i < conns; i++) {
+        memcpy(all + k, th[i].lat_us, th[i].n_lat * sizeof(uint32_t));
+        k += th[i].n_lat;
+        free(th[i].lat_us);
+    }
+    qsort(all, n_lat, sizeof(uint32_t), cmp_u32);
+    *res = (http_result){.op = op, .conns = conns, .requests = ok, .errors = errors};
+    res->req_s = elapsed > 0 ? (double)ok / elapsed : 0;
+    res->items_s = res->req_s * (op == H_REWRAP_BATCH ? HTTP_BATCH_ITEMS : 1);
+    res->p50_ms = n_lat ? all[n_lat / 2] / 1e3 : 0;
+    res->p99_ms = n_lat ? all[(n_lat * 99) / 100] / 1e3 : 0;
+    res->cpu_us_per_req = cpu0 >= 0 && cpu1 >= 0 && ok > 0 ? (cpu1 - cpu0) * 1e6 / (double)ok : -1;
+    if (errors > 0) {
+        fprintf(stderr, "kms-bench: %s at %u connections: %llu failed requests (last status %ld)\n",
+                http_op_names[op], conns, (unsigned long long)errors, bad);
+    }
+    free(all);
+    free(th);
+    free(tid);
+    (void)pthread_barrier_destroy(&bar);
+    return 0;
+}
+
+/* ---- setup through the API ---- */
+
+static char *json_text(json_t *j)
+{
+    char *s = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    return s;
+}
+
+static char *b64(const uint8_t *p, size_t n)
+{
+    kms_buf b;
+    kms_buf_init(&b, 0);
+    if (!kms_is_ok(kms_base64_encode(p, n, &b)) || !kms_is_ok(kms_buf_terminate(&b))) {
+        kms_buf_free(&b);
+        return NULL;
+    }
+    char *s = strdup((const char *)b.data);
+    kms_buf_free(&b);
+    return s;
+}
+
+typedef struct {
+    char key[64];
+    char *tokens[HTTP_BATCH_ITEMS]; /* under version 1; version 2 is primary */
+    char *body[H_COUNT];
+    char url[H_COUNT][512];
+} http_setup;
+
+static void setup_free(http_setup *s)
+{
+    for (size_t i = 0; i < HTTP_BATCH_ITEMS; i++) {
+        free(s->tokens[i]);
+    }
+    for (int i = 0; i < H_COUNT; i++) {
+        free(s->body[i]);
+    }
+}
+
+static int expect(const char *what, long got, long want, const http_client *c)
+{
+    if (got == want) {
+        return 0;
+    }
+    fprintf(stderr, "kms-bench: setup: %s: HTTP %ld (expected %ld): %.300s\n", what, got, want,
+            c->resp ? c->resp : "");
+    return -1;
+}
+
+static int setup_make(const kms_bench_opts *o, http_setup *s)
+{
+    http_client admin, app;
+    char url[512];
+    int rc = -1;
+    uint8_t id[4];
+    if (!kms_is_ok(kms_rand_bytes(id, sizeof(id)))) {
+        return -1;
+    }
+    snprintf(s->key, sizeof(s->key), "kms-bench-%02x%02x%02x%02x", id[0], id[1], id[2], id[3]);
+    if (client_init(&admin, o, o->admin_cert ? o->admin_cert : o->cert,
+                    o->admin_key ? o->admin_key : o->key) != 0 ||
+        client_init(&app, o, o->cert, o->key) != 0) {
+        return -1;
+    }
+    char *body = json_text(json_pack("{s:s, s:s}", "name", s->key, "purpose", "encrypt"));
+    snprintf(url, sizeof(url), "%s/v1/keys", o->url);
+    if (expect("create key", client_do(&admin, url, body), 201, &admin) != 0) {
+        goto out;
+    }
+    free(body);
+
+    /* 1,000 tokens under version 1 through one batch wrap. */
+    json_t *items = json_array();
+    for (size_t i = 0; i < HTTP_BATCH_ITEMS; i++) {
+        uint8_t dek[32];
+        if (!kms_is_ok(kms_rand_bytes(dek, sizeof(dek)))) {
+            json_decref(items);
+            body = NULL;
+            goto out;
+        }
+        char *p = b64(dek, sizeof(dek));
+        json_array_append_new(items, json_pack("{s:s}", "plaintext", p));
+        free(p);
+    }
+    body = json_text(json_pack("{s:o}", "items", items));
+    snprintf(url, sizeof(url), "%s/v1/keys/%s/batch/wrap", o->url, s->key);
+    if (expect("batch wrap", client_do(&app, url, body), 200, &app) != 0) {
+        goto out;
+    }
+    json_error_t jerr;
+    json_t *resp = json_loads(app.resp, 0, &jerr);
+    json_t *results = json_object_get(resp, "results");
+    if (json_array_size(results) != HTTP_BATCH_ITEMS) {
+        fprintf(stderr, "kms-bench: setup: batch wrap answered %zu results\n",
+                json_array_size(results));
+        json_decref(resp);
+        goto out;
+    }
+    for (size_t i = 0; i < HTTP_BATCH_ITEMS; i++) {
+        const char *ct =
+            json_string_value(json_object_get(json_array_get(results, i), "ciphertext"));
+        if (ct == NULL) {
+            fprintf(stderr, "kms-bench: setup: batch wrap item %zu failed\n", i);
+            json_decref(resp);
+            goto out;
+        }
+        s->tokens[i] = strdup(ct);
+    }
+    json_decref(resp);
+    free(body);
+
+    body = json_text(json_pack("{s:s, s:s}", "type", "manual", "reason", "kms-bench"));
+    snprintf(url, sizeof(url), "%s/v1/keys/%s/rotate", o->url, s->key);
+    if (expect("rotate", client_do(&admin, url, body), 200, &admin) != 0) {
+        goto out;
+    }
+
+    uint8_t dek[32];
+    if (!kms_is_ok(kms_rand_bytes(dek, sizeof(dek)))) {
+        goto out;
+    }
+    char *p = b64(dek, sizeof(dek));
+    s->body[H_WRAP] = json_text(json_pack("{s:s}", "plaintext", p));
+    free(p);
+    s->body[H_UNWRAP] = json_text(json_pack("{s:s}", "ciphertext", s->tokens[0]));
+    s->body[H_DATAKEY] = json_text(json_pack("{s:i}", "bytes", 32));
+    items = json_array();
+    for (size_t i = 0; i < HTTP_BATCH_ITEMS; i++) {
+        json_array_append_new(items, json_pack("{s:s}", "ciphertext", s->tokens[i]));
+    }
+    s->body[H_REWRAP_BATCH] = json_text(json_pack("{s:o}", "items", items));
+    snprintf(s->url[H_HEALTHZ], sizeof(s->url[0]), "%s/healthz", o->url);
+    snprintf(s->url[H_WRAP], sizeof(s->url[0]), "%s/v1/keys/%s/wrap", o->url, s->key);
+    snprintf(s->url[H_UNWRAP], sizeof(s->url[0]), "%s/v1/keys/%s/unwrap", o->url, s->key);
+    snprintf(s->url[H_DATAKEY], sizeof(s->url[0]), "%s/v1/keys/%s/datakey", o->url, s->key);
+    snprintf(s->url[H_REWRAP_BATCH], sizeof(s->url[0]), "%s/v1/keys/%s/batch/rewrap", o->url,
+             s->key);
+    for (int i = 1; i < H_COUNT; i++) {
+        if (s->body[i] == NULL) {
+            goto out;
+        }
+    }
+    rc = 0;
+out:
+    free(body);
+    client_free(&admin);
+    client_free(&app);
+    return rc;
+}
+
+/* ---- report ---- */
+
+typedef struct {
+    const char *name;
+    double measured, baseline, ratio;
+    const char *unit;
+    const char *target;
+    int met; /* 1 yes, 0 no, -1 not measured */
+} http_check;
+
+static const char *met_text(int met)
+{
+    return met < 0 ? "n/a" : met ? "yes" : "no";
+}
+
+static void report(const kms_bench_opts *o, const http_result *res, size_t n,
+                   const kms_bench_raw *raw, bool have_raw, const http_check *checks,
+                   size_t n_checks)
+{
+    if (o->json) {
+        json_t *j = json_pack("{s:s, s:s, s:f, s:f}", "mode", "http", "url", o->url, "seconds",
+                              o->seconds, "rate", o->rate);
+        json_t *arr = json_array();
+        for (size_t i = 0; i < n; i++) {
+            json_array_append_new(
+                arr, json_pack("{s:s, s:i, s:f, s:f, s:f, s:f, s:I, s:I, s:f}", "op",
+                               http_op_names[res[i].op], "connections", (int)res[i].conns,
+                               "req_per_s", res[i].req_s, "items_per_s", res[i].items_s, "p50_ms",
+                               res[i].p50_ms, "p99_ms", res[i].p99_ms, "requests",
+                               (json_int_t)res[i].requests, "errors", (json_int_t)res[i].errors,
+                               "server_cpu_us_per_req", res[i].cpu_us_per_req));
+        }
+        json_object_set_new(j, "results", arr);
+        if (have_raw) {
+            json_object_set_new(j, "raw",
+                                json_pack("{s:[f,f], s:[f,f]}", "encrypt_ops_per_s", raw->enc[0],
+                                          raw->enc[1], "decrypt_ops_per_s", raw->dec[0],
+                                          raw->dec[1]));
+        }
+        arr = json_array();
+        for (size_t i = 0; i < n_checks; i++) {
+            json_array_append_new(arr, json_pack("{s:s, s:f, s:f, s:f, s:s, s:s}", "check",
+                                                 checks[i].name, "measured", checks[i].measured,
+                                                 "baseline", checks[i].baseline, "ratio",
+                                                 checks[i].ratio, "target", checks[i].target, "met",
+                                                 met_text(checks[i].met)));
+        }
+        json_object_set_new(j, "checks", arr);
+        char *s = json_dumps(j, JSON_COMPACT);
+        printf("%s\n", s);
+        free(s);
+        json_decref(j);
+        return;
+    }
+    printf("kms-bench http: %s, %.1f s per cell, keep-alive, one TLS connection per client, ",
+           o->url, o->seconds);
+    if (o->rate > 0) {
+        printf("open loop at %.0f req/s offered (batch rewrap back to back)\n\n", o->rate);
+    } else {
+        printf("closed loop (each client sends its next request when the last one is answered)"
+               "\n\n");
+    }
+    printf("| operation | connections | req/s | items/s | p50 ms | p99 ms | errors | server CPU "
+           "us/req |\n");
+    printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (size_t i = 0; i < n; i++) {
+        char cpu[32] = "n/a";
+        if (res[i].cpu_us_per_req >= 0) {
+            snprintf(cpu, sizeof(cpu), "%.1f", res[i].cpu_us_per_req);
+        }
+        printf("| %s | %u | %.0f | %.0f | %.2f | %.2f | %llu | %s |\n", http_op_names[res[i].op],
+               res[i].conns, res[i].req_s, res[i].items_s, res[i].p50_ms, res[i].p99_ms,
+               (unsigned long long)res[i].errors, cpu);
+    }
+    if (have_raw) {
+        printf("\nraw PKCS#11 baseline on the same token: encrypt %.0f ops/s (1 thread), %.0f (2 "
+               "threads); decrypt %.0f, %.0f\n",
+               raw->enc[0], raw->enc[1], raw->dec[0], raw->dec[1]);
+    }
+    printf("\n| check | measured | baseline | ratio | target | met? |\n");
+    printf("|---|---:|---:|---:|---|---|\n");
+    for (size_t i = 0; i < n_checks; i++) {
+        const http_check *c = &checks[i];
+        if (c->met < 0) {
+            printf("| %s | n/a | n/a | n/a | %s | n/a |\n", c->name, c->target);
+        } else if (c->baseline > 0) {
+            printf("| %s | %.1f %s | %.1f %s | %.2f | %s | %s |\n", c->name, c->measured, c->unit,
+                   c->baseline, c->unit, c->ratio, c->target, met_text(c->met));
+        } else {
+            printf("| %s | %.2f %s | - | - | %s | %s |\n", c->name, c->measured, c->unit, c->target,
+                   met_text(c->met));
+        }
+    }
+}
+
+static const http_result *find(const http_result *res, size_t n, http_op op, unsigned conns)
+{
+    const http_result *best = NULL;
+    for (size_t i = 0; i < n; i++) {
+        if (res[i].op != op) {
+            continue;
+        }
+        if (res[i].conns == conns) {
+            return &res[i];
+        }
+        if (conns == 0 && (best == NULL || res[i].items_s > best->items_s)) {
+            best = &res[i]; /* conns 0: the best run */
+        }
+    }
+    return best;
+}
+
+int kms_bench_http(const kms_bench_opts *o)
+{
+    if (o->url == NULL || o->cert == NULL || o->key == NULL || o->cacert == NULL) {
+        fprintf(stderr, "kms-bench http: --url, --cert, --key and --cacert are required; see "
+                        "--help\n");
+        return KMS_BENCH_EXIT_USAGE;
+    }
+    kms_bench_raw raw = {0};
+    bool have_raw = false;
+    if (o->module != NULL && o->token_uri != NULL && o->pin_file != NULL) {
+        kms_hsm_config cfg = {
+            .module = o->module, .token_uri = o->token_uri, .pin_file = o->pin_file};
+        kms_hsm *hsm = NULL;
+        kms_result r = kms_hsm_open(&cfg, &hsm);
+        if (kms_is_ok(r)) {
+            r = kms_bench_raw_measure(hsm, o->size, o->seconds, &raw);
+            kms_hsm_close(hsm);
+        }
+        if (!kms_is_ok(r)) {
+            kms_bench_fail("raw baseline", r);
+            return kms_error_exit_code(r.err);
+        }
+        have_raw = true;
+    }
+
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        return 70;
+    }
+    http_setup s = {0};
+    if (setup_make(o, &s) != 0) {
+        setup_free(&s);
+        curl_global_cleanup();
+        return 69;
+    }
+    size_t cap = o->n_conns * H_COUNT, n = 0;
+    http_result *res = calloc(cap, sizeof(*res));
+    if (res == NULL) {
+        abort();
+    }
+    for (size_t ci = 0; ci < o->n_conns; ci++) {
+        for (int op = 0; op < H_COUNT; op++) {
+            if (!op_selected(o, (http_op)op)) {
+                continue;
+            }
+            fprintf(stderr, "kms-bench: %s, %u connection(s)\n", http_op_names[op], o->conns[ci]);
+            if (load_measure(o, (http_op)op, o->conns[ci], s.url[op], s.body[op], &res[n]) == 0) {
+                n++;
+            }
+        }
+    }
+
+    /* The comparisons. */
+    http_check checks[3];
+    unsigned cmp_conns = 16;
+    const http_result *wrap = find(res, n, H_WRAP, cmp_conns);
+    const http_result *base_floor = find(res, n, H_HEALTHZ, cmp_conns);
+    if (wrap == NULL) {
+        cmp_conns = o->conns[o->n_conns - 1];
+        wrap = find(res, n, H_WRAP, cmp_conns);
+        base_floor = find(res, n, H_HEALTHZ, cmp_conns);
+    }
+    checks[0] = (http_check){.name = "server CPU per wrap (us)",
+                             .unit = "us",
+                             .target = "<= 1.25 x (floor + raw op)",
+                             .met = -1};
+    if (have_raw && wrap != NULL && base_floor != NULL && wrap->cpu_us_per_req >= 0 &&
+        base_floor->cpu_us_per_req >= 0 && raw.enc[0] > 0) {
+        checks[0].measured = wrap->cpu_us_per_req;
+        checks[0].baseline = base_floor->cpu_us_per_req + 1e6 / raw.enc[0];
+        checks[0].ratio = checks[0].measured / checks[0].baseline;
+        checks[0].met = checks[0].ratio <= HTTP_TARGET_CPU;
+    }
+    const http_result *batch = find(res, n, H_REWRAP_BATCH, 0);
+    checks[1] = (http_check){.name = "batch rewrap items/s (best)",
+                             .unit = "items/s",
+                             .target = ">= 0.8 x raw decrypt+encrypt",
+                             .met = -1};
+    if (have_raw && batch != NULL) {
+        double enc = raw.enc[0] > raw.enc[1] ? raw.enc[0] : raw.enc[1];
+        double dec = raw.dec[0] > raw.dec[1] ? raw.dec[0] : raw.dec[1];
+        checks[1].measured = batch->items_s;
+        checks[1].baseline = enc > 0 && dec > 0 ? 1.0 / (1.0 / enc + 1.0 / dec) : 0;
+        checks[1].ratio = checks[1].baseline > 0 ? checks[1].measured / checks[1].baseline : 0;
+        checks[1].met = checks[1].ratio >= HTTP_TARGET_BATCH;
+    }
+    const http_result *w16 = find(res, n, H_WRAP, 16);
+    checks[2] = (http_check){
+        .name = "p99 wrap at 16 connections", .unit = "ms", .target = "<= 2 ms", .met = -1};
+    if (w16 != NULL) {
+        checks[2].measured = w16->p99_ms;
+        checks[2].met = w16->p99_ms <= HTTP_TARGET_P99_MS;
+    }
+    report(o, res, n, &raw, have_raw, checks, KMS_ARRAY_LEN(checks));
+    free(res);
+    setup_free(&s);
+    curl_global_cleanup();
+    return 0;
+}
