@@ -1,0 +1,224 @@
+# shellcheck shell=bash
+# The e2e fixture of kms-reencrypt: a throwaway PostgreSQL cluster (initdb,
+# pg_ctl, Unix socket in the temp dir, no TCP) and a real kmsd (throwaway
+# SoftHSM token, LMDB store, development PKI) on a free loopback port.
+# Sourced by tests/e2e/reencrypt_test.sh and scripts/bench-reencrypt.
+#
+# Needs: KMS_SOURCE_DIR, KMS_BUILD_DIR, KMS_SOFTHSM_MODULE. Must run as a
+# non-root user (PostgreSQL refuses root).
+set -euo pipefail
+src=${KMS_SOURCE_DIR:?}
+bld=${KMS_BUILD_DIR:?}
+kmsd=${KMSD:-$bld/tools/kmsd}
+kms_token=${KMS_TOKEN:-$bld/tools/kms-token}
+reencrypt=${KMS_REENCRYPT:-$bld/tools/kms-reencrypt}
+module=${KMS_SOFTHSM_MODULE:?}
+pgbin=${PG_BIN:-/usr/lib/postgresql/15/bin}
+
+tmp=$(mktemp -d)
+kmsd_pid=""
+kmsd_port=""
+pg_up=0
+bg_pids=()
+
+e2e_stop_kmsd() {
+    if [ -n "$kmsd_pid" ] && kill -0 "$kmsd_pid" 2>/dev/null; then
+        kill -TERM "$kmsd_pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$kmsd_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$kmsd_pid" 2>/dev/null || true
+        wait "$kmsd_pid" 2>/dev/null || true
+    fi
+    kmsd_pid=""
+}
+
+e2e_cleanup() {
+    local p
+    for p in "${bg_pids[@]}"; do
+        kill -KILL "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+    e2e_stop_kmsd
+    if [ "$pg_up" = 1 ]; then
+        "$pgbin/pg_ctl" -D "$tmp/pg" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+    rm -rf "$tmp"
+}
+trap e2e_cleanup EXIT
+
+fails=0
+checks=0
+check() { # DESCRIPTION COMMAND...
+    local what=$1
+    shift
+    checks=$((checks + 1))
+    if ! "$@"; then
+        fails=$((fails + 1))
+        echo "FAIL: $what" >&2
+    fi
+}
+eq() { [ "$1" = "$2" ] || { echo "  expected '$2', got '$1'" >&2; return 1; }; }
+
+# ---- PostgreSQL ----
+e2e_start_pg() {
+    if [ "$(id -u)" = 0 ]; then
+        # ctest reports this code as "skipped" (SKIP_RETURN_CODE), never as
+        # a pass: scripts/test and CI run the suite as the user kmstest.
+        echo "e2e: PostgreSQL refuses to run as root; run as an unprivileged user" >&2
+        exit 98
+    fi
+    "$pgbin/initdb" -D "$tmp/pg" -A trust -U rx --no-sync -E UTF8 >"$tmp/initdb.log" 2>&1
+    mkdir -p "$tmp/sock"
+    cat >>"$tmp/pg/postgresql.conf" <<CONF
+listen_addresses = ''
+unix_socket_directories = '$tmp/sock'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+shared_buffers = 128MB
+max_wal_size = 2GB
+max_connections = 50
+CONF
+    "$pgbin/pg_ctl" -D "$tmp/pg" -l "$tmp/pg.log" -w start >/dev/null
+    pg_up=1
+    export PGHOST=$tmp/sock PGUSER=rx PGDATABASE=postgres
+    export PGOPTIONS="-c client_min_messages=warning"
+    unset PGPASSWORD PGSERVICE || true
+    psql -qX -c "CREATE DATABASE rx" >/dev/null
+    export PGDATABASE=rx
+}
+
+q() { psql -qX -v ON_ERROR_STOP=1 "$@"; }
+q1() { psql -qAtX -v ON_ERROR_STOP=1 -c "$1"; }
+
+# Token inspection in SQL, independent of the C code: the binary header
+# (docs/ciphertext-format.md): 'K' 0x01 kind L name[L] version(4, BE).
+e2e_sql_helpers() {
+    q >/dev/null <<'SQL'
+CREATE FUNCTION tok_bin(v bytea) RETURNS bytea LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  IF v IS NOT NULL AND length(v) > 5 AND substring(v FROM 1 FOR 5) = '\x6b6d73313a'::bytea THEN
+    RETURN decode(convert_from(substring(v FROM 6), 'UTF8'), 'base64');
+  END IF;
+  RETURN v;
+EXCEPTION WHEN OTHERS THEN RETURN NULL;
+END $$;
+CREATE FUNCTION tok_key(v bytea) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE b bytea := tok_bin(v);
+BEGIN
+  IF b IS NULL OR length(b) < 9 OR get_byte(b, 0) <> 75 OR get_byte(b, 1) <> 1
+     OR length(b) < 8 + get_byte(b, 3) THEN RETURN NULL; END IF;
+  RETURN convert_from(substring(b FROM 5 FOR get_byte(b, 3)), 'UTF8');
+END $$;
+CREATE FUNCTION tok_ver(v bytea) RETURNS bigint LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE b bytea := tok_bin(v); l int;
+BEGIN
+  IF b IS NULL OR length(b) < 9 OR get_byte(b, 0) <> 75 OR get_byte(b, 1) <> 1
+     OR length(b) < 8 + get_byte(b, 3) THEN RETURN NULL; END IF;
+  l := get_byte(b, 3);
+  RETURN (get_byte(b, 4 + l)::bigint << 24) | (get_byte(b, 5 + l) << 16)
+         | (get_byte(b, 6 + l) << 8) | get_byte(b, 7 + l);
+END $$;
+CREATE FUNCTION tok_text(v bytea) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+  SELECT 'kms1:' || replace(encode(tok_bin(v), 'base64'), E'\n', '') $$;
+CREATE FUNCTION b64(t text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+  SELECT replace(encode(convert_to(t, 'UTF8'), 'base64'), E'\n', '') $$;
+SQL
+}
+
+# ---- kmsd ----
+e2e_start_kmsd() { # [PORT]: a fixed port to restart on
+    local want=${1:-}
+    if [ ! -d "$tmp/pki" ]; then
+        "$src/certs/make-dev-pki" "$tmp/pki" >/dev/null
+        mkdir -p "$tmp/tokens" "$tmp/lmdb"
+        cat >"$tmp/softhsm2.conf" <<CONF
+directories.tokendir = $tmp/tokens
+objectstore.backend = file
+log.level = ERROR
+CONF
+        export SOFTHSM2_CONF=$tmp/softhsm2.conf
+        "$kms_token" init --module "$module" --label rx-e2e --pin-file "$tmp/pin" \
+            --so-pin-file "$tmp/so-pin" --generate >/dev/null
+        cat >"$tmp/policy.json" <<'POLICY'
+{"rules": [
+  {"identity": "spiffe://kmsd.dev/app", "role": "app", "keys": ["*"]},
+  {"identity": "spiffe://kmsd.dev/migrator", "role": "migrator", "keys": ["*"]},
+  {"identity": "spiffe://kmsd.dev/admin", "role": "admin", "keys": ["*"]},
+  {"identity": "spiffe://kmsd.dev/auditor", "role": "auditor", "keys": ["*"]}
+]}
+POLICY
+    fi
+    local attempt candidate
+    for attempt in 1 2 3 4 5 6 7 8; do
+        candidate=${want:-$((20000 + (RANDOM * 7 + attempt * 997) % 40000))}
+        if [ -z "$want" ] && (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null; then continue; fi
+        cat >"$tmp/kmsd.conf" <<CONF
+listen = 127.0.0.1:$candidate
+tls_cert = $tmp/pki/server.crt
+tls_key = $tmp/pki/server.key
+tls_ca = $tmp/pki/ca.crt
+policy = $tmp/policy.json
+store_path = $tmp/lmdb
+hsm_module = $module
+hsm_token_uri = pkcs11:token=rx-e2e
+hsm_pin_file = $tmp/pin
+workers = ${E2E_KMSD_WORKERS:-processes:2}
+scheduler_interval = 0
+log_level = warn
+CONF
+        "$kmsd" --config "$tmp/kmsd.conf" 2>>"$tmp/kmsd.log" &
+        kmsd_pid=$!
+        for _ in $(seq 1 150); do
+            kill -0 "$kmsd_pid" 2>/dev/null || break
+            if api GET auditor /healthz "" "https://127.0.0.1:$candidate" >/dev/null 2>&1; then
+                kmsd_port=$candidate
+                export KMSCTL_URL=https://127.0.0.1:$candidate
+                return 0
+            fi
+            sleep 0.1
+        done
+        e2e_stop_kmsd
+        [ -n "$want" ] && sleep 1
+    done
+    echo "kmsd did not come up; its log:" >&2
+    cat "$tmp/kmsd.log" >&2
+    exit 1
+}
+
+# api METHOD ROLE PATH [BODY|@FILE|-] [URL]: curl against kmsd; body on stdout.
+api() {
+    local method=$1 role=$2 path=$3 body=${4:-} url=${5:-${KMSCTL_URL:-}}
+    local args=(-sS --fail-with-body --max-time 120 --cacert "$tmp/pki/ca.crt"
+        --cert "$tmp/pki/$role.crt" --key "$tmp/pki/$role.key"
+        -H 'Content-Type: application/json' -X "$method")
+    if [ -n "$body" ]; then args+=(--data-binary "$body"); fi
+    curl "${args[@]}" "$url$path"
+}
+
+# The migrator's connection settings for kms-reencrypt.
+e2e_tool_env() {
+    export KMSCTL_CACERT=$tmp/pki/ca.crt KMSCTL_CERT=$tmp/pki/migrator.crt \
+        KMSCTL_KEY=$tmp/pki/migrator.key
+}
+
+# batches OP ROLE KEY SRC DST: sends the items of table SRC(n, item json)
+# in batches of 1000 to /v1/keys/KEY/batch/OP; DST(batch, doc) gets the
+# answers, then table DST_items(n, e) pairs each item with its result.
+batches() {
+    local op=$1 role=$2 key=$3 srcq=$4 dst=$5 total b=0
+    q -c "DROP TABLE IF EXISTS $dst, ${dst}_items; CREATE TABLE $dst (batch serial, doc text)"
+    total=$(q1 "SELECT coalesce(max(n), 0) FROM $srcq")
+    while [ $((b * 1000)) -lt "$total" ]; do
+        q1 "SELECT json_build_object('items', json_agg(item ORDER BY n))::text FROM $srcq
+            WHERE n > $((b * 1000)) AND n <= $((b * 1000 + 1000))" |
+            api POST "$role" "/v1/keys/$key/batch/$op" @- |
+            q -c "\\copy $dst(doc) FROM pstdin"
+        b=$((b + 1))
+    done
+    q -c "CREATE TABLE ${dst}_items AS SELECT (d.batch - 1) * 1000 + r.ord AS n, r.e
+          FROM $dst d, json_array_elements(d.doc::json->'results') WITH ORDINALITY AS r(e, ord);
+          ALTER TABLE ${dst}_items ADD PRIMARY KEY (n); ANALYZE ${dst}_items"
+}
