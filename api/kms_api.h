@@ -73,8 +73,16 @@ typedef struct {
     int64_t rotation_period_s; /* default for new keys; 0 = kms default */
     int64_t warning_window_s;
     unsigned scheduler_interval_s; /* 0 = no scheduled rotation */
+    int64_t scheduler_jitter_s;    /* spread of due keys before their due time; 0 = none */
 
     kms_log_level log_level;
+
+    /* The audit trail (docs/audit.md). audit = 0 ("off") is for benchmarks
+     * only. */
+    unsigned audit;                /* 1 on (default), 0 off */
+    unsigned audit_sign_every;     /* records; 0 = 10000 */
+    int64_t audit_sign_interval_s; /* 0 = 300 */
+    int64_t audit_retention_s;     /* 0 = keep for ever */
 } kms_daemon_config;
 
 /* Defaults for every option (docs/config.md lists them). */

@@ -33,6 +33,8 @@ void kms_config_defaults(kms_daemon_config *cfg)
     cfg->ready_timeout_ms = 2000;
     cfg->drain_timeout_s = 30;
     cfg->scheduler_interval_s = 60;
+    cfg->scheduler_jitter_s = 3600;
+    cfg->audit = 1;
     cfg->log_level = KMS_LOG_INFO;
     cfg->listen_count = 1;
     memcpy(cfg->listen[0].host, "127.0.0.1", sizeof("127.0.0.1"));
@@ -47,6 +49,7 @@ typedef enum {
     OPT_DURATION, /* seconds, optional s/m/h/d suffix */
     OPT_WORKERS,
     OPT_LOG_LEVEL,
+    OPT_ONOFF, /* on | off -> 1 | 0 */
 } opt_type;
 
 typedef struct {
@@ -90,7 +93,12 @@ static const opt_spec opts[] = {
     OPT("rotation_period", OPT_DURATION, rotation_period_s, 60, UINT64_C(100) * 365 * 86400),
     OPT("warning_window", OPT_DURATION, warning_window_s, 0, UINT64_C(100) * 365 * 86400),
     OPT("scheduler_interval", OPT_DURATION, scheduler_interval_s, 0, 86400),
+    OPT("scheduler_jitter", OPT_DURATION, scheduler_jitter_s, 0, 7 * 86400),
     OPT("log_level", OPT_LOG_LEVEL, log_level, 0, 0),
+    OPT("audit", OPT_ONOFF, audit, 0, 1),
+    OPT("audit_sign_every", OPT_UINT, audit_sign_every, 1, 100000000),
+    OPT("audit_sign_interval", OPT_DURATION, audit_sign_interval_s, 1, 86400),
+    OPT("audit_retention", OPT_DURATION, audit_retention_s, 0, UINT64_C(100) * 365 * 86400),
 };
 
 static bool is_space(char c)
@@ -273,6 +281,11 @@ static kms_result set_option(kms_daemon_config *cfg, const opt_spec *o, const ch
         KMS_ENSURE_MSG(parse_scaled(v, n, "smhd", dur_mults, &num), KMS_ERR_CONFIG,
                        "%s:%u: %s: expected seconds (suffix s, m, h or d allowed)", name, line,
                        o->name);
+        break;
+    case OPT_ONOFF:
+        KMS_ENSURE_MSG((n == 2 && memcmp(v, "on", 2) == 0) || (n == 3 && memcmp(v, "off", 3) == 0),
+                       KMS_ERR_CONFIG, "%s:%u: %s: expected on or off", name, line, o->name);
+        num = n == 2;
         break;
     case OPT_UINT:
         KMS_ENSURE_MSG(parse_scaled(v, n, NULL, NULL, &num), KMS_ERR_CONFIG,

@@ -42,6 +42,7 @@ KMS_RESULT kms_api_patch_parse(json_t *obj, kms_key_update *out);
 typedef struct {
     kms_rotation_type type;
     char reason[KMS_REASON_MAX_BYTES + 1];
+    int64_t lookback_s; /* emergency only: the usage report's window; 0 = default */
 } kms_api_rotate_req;
 /* rotate: type + reason; rollback, master rotate: reason only. */
 KMS_RESULT kms_api_rotate_parse(json_t *obj, bool allow_type, kms_api_rotate_req *out);

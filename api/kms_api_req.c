@@ -6,6 +6,7 @@
  * plaintext is decoded straight into secret memory.
  */
 #include "kms_api_internal.h"
+#include "kms_api_rotation.h"
 #include "kms_base64.h"
 #include "kms_secmem.h"
 
@@ -330,7 +331,8 @@ KMS_RESULT kms_api_patch_parse(json_t *obj, kms_key_update *out)
 
 KMS_RESULT kms_api_rotate_parse(json_t *obj, bool allow_type, kms_api_rotate_req *out)
 {
-    static const field_spec with_type[] = {{"type", F_STRING, false}, {"reason", F_STRING, false}};
+    static const field_spec with_type[] = {
+        {"type", F_STRING, false}, {"reason", F_STRING, false}, {"lookback", F_INTEGER, false}};
     static const field_spec reason_only[] = {{"reason", F_STRING, false}};
     if (allow_type) {
         KMS_GUARD(fields_check(obj, with_type, KMS_ARRAY_LEN(with_type), ""));
@@ -348,6 +350,16 @@ KMS_RESULT kms_api_rotate_parse(json_t *obj, bool allow_type, kms_api_rotate_req
             KMS_BAIL_MSG(KMS_ERR_INVALID_ARGUMENT,
                          "field 'type': must be \"manual\" or \"emergency\"");
         }
+    }
+    out->lookback_s = 0;
+    json_t *lb = json_object_get(obj, "lookback");
+    if (lb != NULL) {
+        json_int_t n = json_integer_value(lb);
+        KMS_ENSURE_MSG(out->type == KMS_ROTATION_EMERGENCY, KMS_ERR_INVALID_ARGUMENT,
+                       "field 'lookback': only for an emergency rotation");
+        KMS_ENSURE_MSG(n > 0 && n <= KMS_API_LOOKBACK_MAX_S, KMS_ERR_INVALID_ARGUMENT,
+                       "field 'lookback': 1 to %lld seconds", (long long)KMS_API_LOOKBACK_MAX_S);
+        out->lookback_s = n;
     }
     return reason_copy(obj, out->reason);
 }

@@ -7,6 +7,7 @@
  * strictly and handed to kms/.
  */
 #define _GNU_SOURCE
+#include "kms_api_audit.h"
 #include "kms_api_internal.h"
 #include "kms_api_rotation.h"
 #include "kms_api_tls.h"
@@ -89,6 +90,8 @@ typedef enum {
     R_ADMIN_CHECK,
     R_STATUS,
     R_REPORT,
+    R_AUDIT,
+    R_EXPORT,
     R_COUNT
 } route_id;
 
@@ -126,6 +129,10 @@ static const char *route_template(route_id r, kms_op op)
         return "/v1/rotations";
     case R_ADMIN_CHECK:
         return "/v1/admin/check";
+    case R_AUDIT:
+        return "/v1/audit";
+    case R_EXPORT:
+        return "/v1/export";
     case R_STATUS:
         return "/v1/status";
     case R_REPORT:
@@ -258,13 +265,134 @@ typedef struct {
     kms_buf body;
     int status;
     kms_err err;
+    /* For the audit record (docs/audit.md). */
+    uint32_t au_version, au_to_version, au_items;
+    bool audited;
 } req_ctx;
 
 /* ---- responses ---- */
+/* ---- the audit record of every answer (docs/audit.md) ---- */
+
+static void audit_operation(const req_ctx *rq, char *out, size_t n)
+{
+    bool get = rq->method != NULL && strcmp(rq->method, "GET") == 0;
+    const char *name;
+    switch (rq->route) {
+    case R_NONE:
+        name = "unknown";
+        break;
+    case R_HEALTHZ:
+        name = "healthz";
+        break;
+    case R_READYZ:
+        name = "readyz";
+        break;
+    case R_METRICS:
+        name = "metrics";
+        break;
+    case R_KEYS:
+        name = get ? "key.list" : "key.create";
+        break;
+    case R_KEY:
+        name = get ? "key.get" : "key.update";
+        break;
+    case R_KEY_ROTATE:
+        name = "key.rotate";
+        break;
+    case R_KEY_ROLLBACK:
+        name = "key.rollback";
+        break;
+    case R_VERSION:
+        name = "version.get";
+        break;
+    case R_VERSION_STATE:
+        name = "version.state";
+        break;
+    case R_OP:
+        name = rq->op > 0 && rq->op < OP_COUNT ? op_names[rq->op] : "unknown";
+        break;
+    case R_BATCH:
+        snprintf(out, n, "batch.%s",
+                 rq->op > 0 && rq->op < OP_COUNT ? op_names[rq->op] : "unknown");
+        return;
+    case R_MASTER:
+        name = "master.get";
+        break;
+    case R_MASTER_ROTATE:
+        name = "master.rotate";
+        break;
+    case R_ROTATIONS:
+        name = "rotations.list";
+        break;
+    case R_ADMIN_CHECK:
+        name = "admin.check";
+        break;
+    case R_AUDIT:
+        name = "audit.query";
+        break;
+    case R_EXPORT:
+        name = "audit.export";
+        break;
+    default:
+        /* Routes added later: recorded by their path template. */
+        name = route_template(rq->route, rq->op);
+        break;
+    }
+    snprintf(out, n, "%s", name);
+}
+
+/* Appends the record of this answer; false if it could not be made
+ * durable (the caller then answers 503 audit_unavailable instead). */
+static bool audit_answer(req_ctx *rq, int status)
+{
+    char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
+    audit_operation(rq, op, sizeof(op));
+    bool known = rq->conn != NULL && rq->conn->verified > 0;
+    kms_api_audit_event e = {
+        .operation = op,
+        .identity = known ? rq->conn->identity : "",
+        .source = rq->conn != NULL ? rq->conn->addr : "",
+        .request_id = rq->rid,
+        .key = rq->name,
+        .version = rq->au_version != 0 ? rq->au_version : rq->version,
+        .to_version = rq->au_to_version,
+        .items = rq->au_items,
+        .status = status,
+        .err = status >= 400 && rq->err == KMS_OK ? KMS_ERR_UNAVAILABLE : rq->err,
+    };
+    kms_result r = kms_api_audit_event_append(rq->s->k, &e);
+    if (!kms_is_ok(r)) {
+        kms_log(KMS_LOG_ERROR, "audit: request id=%s could not be recorded (%s): answering 503",
+                rq->rid, kms_error_detail());
+        return false;
+    }
+    return true;
+}
 
 static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int status, char *text,
                                  size_t len, const char *ctype)
 {
+    /* Issue 4: a record is durable before its response is sent, and kmsd
+     * refuses rather than answer unaudited. */
+    if (!rq->audited) {
+        rq->audited = true;
+        if (!audit_answer(rq, status)) {
+            kms_api_wipe_free(text);
+            rq->err = KMS_ERR_AUDIT_UNAVAILABLE;
+            status = kms_error_http_status(KMS_ERR_AUDIT_UNAVAILABLE);
+            text = kms_api_wipe_malloc(512);
+            if (text == NULL) {
+                return MHD_NO;
+            }
+            int n = snprintf(text, 512,
+                             "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"},"
+                             "\"request_id\":\"%s\"}\n",
+                             kms_error_code(KMS_ERR_AUDIT_UNAVAILABLE),
+                             kms_error_message(KMS_ERR_AUDIT_UNAVAILABLE), rq->rid);
+            len = n > 0 && n < 512 ? (size_t)n : 0;
+            ctype = "application/json";
+        }
+    }
     struct MHD_Response *r =
         MHD_create_response_from_buffer_with_free_callback(len, text, kms_api_wipe_free);
     if (r == NULL) {
@@ -518,6 +646,8 @@ static kms_result run_single_op(req_ctx *rq, json_t *body, reply *out)
         res = kms_error_raise(KMS_ERR_INTERNAL, __FILE__, __LINE__);
         break;
     }
+    rq->au_version = rq->op == KMS_OP_REWRAP ? r.from_version : r.version;
+    rq->au_to_version = rq->op == KMS_OP_REWRAP ? r.version : 0;
     if (kms_is_ok(res)) {
         out->doc = op_result_json(rq->op, rq->name, &r,
                                   rq->op == KMS_OP_DATAKEY && it.include_plaintext ? &pt : NULL);
@@ -541,6 +671,7 @@ static kms_result run_batch(req_ctx *rq, json_t *body, reply *out)
     json_t *items = NULL;
     KMS_GUARD(kms_api_batch_parse(body, rq->s->cfg.max_batch_items, &items));
     size_t n = json_array_size(items);
+    rq->au_items = n > UINT32_MAX ? UINT32_MAX : (uint32_t)n;
     kms_api_item *parsed = calloc(n, sizeof(*parsed));
     kms_batch_item *bi = calloc(n, sizeof(*bi));
     kms_batch_result *br = calloc(n, sizeof(*br));
@@ -1010,6 +1141,10 @@ static route_match route_resolve(req_ctx *rq, const char *url)
     } else if (n == 3 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "admin") &&
                seg_is(seg[2], len[2], "check")) {
         m.route = R_ADMIN_CHECK, m.method = "POST";
+    } else if (n == 2 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "audit")) {
+        m.route = R_AUDIT, m.method = "GET";
+    } else if (n == 2 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "export")) {
+        m.route = R_EXPORT, m.method = "POST";
     } else if (n >= 2 && seg_is(seg[0], len[0], "v1") && seg_is(seg[1], len[1], "keys")) {
         if (n == 2) {
             m.route = R_KEYS, m.method = "GET", m.method2 = "POST";
@@ -1077,6 +1212,10 @@ static unsigned route_roles(req_ctx *rq, bool *per_key)
     case R_REPORT:
         *per_key = false;
         return rq->route == R_MASTER && !get ? KMS_ROLE_ADMIN : KMS_ROLE_ADMIN | KMS_ROLE_AUDITOR;
+    case R_AUDIT:
+    case R_EXPORT:
+        *per_key = false;
+        return KMS_ROLE_ADMIN | KMS_ROLE_AUDITOR;
     case R_MASTER_ROTATE:
     case R_ADMIN_CHECK:
         *per_key = false;
@@ -1110,6 +1249,53 @@ static bool body_is_secret(const req_ctx *rq)
            (rq->op == KMS_OP_WRAP || rq->op == KMS_OP_ENCRYPT);
 }
 
+/* GET /v1/audit?from=&to=&identity=&key=&operation=&after=&limit= */
+static kms_result audit_list(req_ctx *rq, struct MHD_Connection *conn, reply *out)
+{
+    kms_audit_filter f = {0};
+    uint64_t from = 0, to = 0, after = 0, limit = KMS_AUDIT_QUERY_DEFAULT;
+    KMS_GUARD(query_u64(conn, "from", INT64_MAX, &from));
+    KMS_GUARD(query_u64(conn, "to", INT64_MAX, &to));
+    KMS_GUARD(query_u64(conn, "after", INT64_MAX, &after));
+    KMS_GUARD(query_u64(conn, "limit", KMS_AUDIT_QUERY_MAX, &limit));
+    KMS_ENSURE_MSG(limit > 0, KMS_ERR_INVALID_ARGUMENT, "query parameter 'limit': must be >= 1");
+    static const char *const names[] = {"identity", "key", "operation"};
+    const char *vals[3];
+    for (size_t i = 0; i < 3; i++) {
+        vals[i] = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, names[i]);
+        if (vals[i] != NULL && vals[i][0] == '\0') {
+            vals[i] = NULL;
+        }
+        KMS_ENSURE_MSG(vals[i] == NULL || strlen(vals[i]) <= KMS_IDENTITY_MAX_BYTES,
+                       KMS_ERR_INVALID_ARGUMENT, "query parameter '%s': too long", names[i]);
+    }
+    f.from = (int64_t)from;
+    f.to = (int64_t)to;
+    f.after_seq = after;
+    f.limit = (size_t)limit;
+    f.identity = vals[0];
+    f.key = vals[1];
+    f.operation = vals[2];
+    KMS_GUARD(kms_api_audit_list(rq->s->k, &f, &out->doc));
+    out->status = 200;
+    return KMS_OK_RESULT;
+}
+
+/* POST /v1/export {"from"?: seconds, "to"?: seconds} */
+static kms_result audit_export(req_ctx *rq, json_t *body, reply *out)
+{
+    json_int_t from = 0, to = 0;
+    json_error_t jerr;
+    KMS_ENSURE_MSG(
+        json_unpack_ex(body, &jerr, JSON_STRICT, "{s?I,s?I}", "from", &from, "to", &to) == 0,
+        KMS_ERR_JSON_INVALID, "export: %s (fields: from, to as Unix seconds)", jerr.text);
+    KMS_ENSURE_MSG(from >= 0 && to >= 0, KMS_ERR_INVALID_ARGUMENT,
+                   "export: from and to must be >= 0");
+    KMS_GUARD(kms_api_export_build(rq->s->k, (int64_t)from, (int64_t)to, &out->doc));
+    out->status = 200;
+    return KMS_OK_RESULT;
+}
+
 /* Runs once the body is complete. */
 static enum MHD_Result dispatch(req_ctx *rq, struct MHD_Connection *conn)
 {
@@ -1120,6 +1306,8 @@ static enum MHD_Result dispatch(req_ctx *rq, struct MHD_Connection *conn)
     kms_caller c = caller_of(rq);
     bool has_body = strcmp(rq->method, "GET") != 0;
 
+    /* No operation runs while its record could not be written. */
+    KMS_GUARD_GOTO(res, kms_audit_ready(s->k), done);
     if (has_body) {
         KMS_GUARD_GOTO(res, kms_api_body_parse(rq->body.data, rq->body.len, &body), done);
     }
@@ -1173,8 +1361,16 @@ static enum MHD_Result dispatch(req_ctx *rq, struct MHD_Connection *conn)
         if (!has_body) {
             const char *uses = MHD_lookup_connection_value(conn, MHD_GET_ARGUMENT_KIND, "uses");
             KMS_GUARD_GOTO(res, kms_api_uses_param(uses), done);
+            bool want_uses = uses != NULL && strcmp(uses, "true") == 0;
+            /* Use counts describe every caller of the key: staff only. */
+            if (want_uses && (rq->roles & (KMS_ROLE_ADMIN | KMS_ROLE_AUDITOR)) == 0) {
+                res =
+                    kms_error_raisef(KMS_ERR_FORBIDDEN, __FILE__, __LINE__,
+                                     "uses=true needs role admin or auditor on key '%s'", rq->name);
+                goto done;
+            }
             KMS_GUARD_GOTO(res, key_with_versions(s->k, rq->name, &out.doc), done);
-            if (uses != NULL && strcmp(uses, "true") == 0) {
+            if (want_uses) {
                 /* Per version: uses in the last 30 days, from the audit log
                  * (a scan of it: only when asked). */
                 kms_api_versions_add_uses(s->k, rq->name, json_object_get(out.doc, "versions"));
@@ -1198,6 +1394,8 @@ static enum MHD_Result dispatch(req_ctx *rq, struct MHD_Connection *conn)
         } else {
             KMS_GUARD_GOTO(res, kms_key_rollback(s->k, &c, rq->name, rr.reason, &ri), done);
         }
+        rq->au_version = ri.from_version;
+        rq->au_to_version = ri.to_version;
         KMS_GUARD_GOTO(res, kms_key_get(s->k, rq->name, &info), done);
         out.doc = json_pack("{s:o,s:o}", "rotation", rotation_json(&ri), "key", key_json(&info));
         if (out.doc != NULL && rq->route == R_KEY_ROTATE && rr.type == KMS_ROTATION_EMERGENCY) {
@@ -1246,6 +1444,8 @@ static enum MHD_Result dispatch(req_ctx *rq, struct MHD_Connection *conn)
         kms_rotation_info ri;
         KMS_GUARD_GOTO(res, kms_api_rotate_parse(body, false, &rr), done);
         KMS_GUARD_GOTO(res, kms_master_rotate(s->k, &c, rr.reason, &ri), done);
+        rq->au_version = ri.from_version;
+        rq->au_to_version = ri.to_version;
         out.doc = json_pack("{s:o}", "rotation", rotation_json(&ri));
         break;
     }
@@ -1280,6 +1480,12 @@ static enum MHD_Result dispatch(req_ctx *rq, struct MHD_Connection *conn)
             "unreadable_versions", (json_int_t)rep.unreadable_versions, "summary", rep.summary);
         break;
     }
+    case R_AUDIT:
+        KMS_GUARD_GOTO(res, audit_list(rq, conn, &out), done);
+        break;
+    case R_EXPORT:
+        KMS_GUARD_GOTO(res, audit_export(rq, body, &out), done);
+        break;
     default:
         res = kms_error_raise(KMS_ERR_NOT_FOUND, __FILE__, __LINE__);
         break;

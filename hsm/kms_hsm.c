@@ -451,6 +451,16 @@ static void hsm_leave(kms_hsm *h, kms_hsm_session *s)
     pthread_rwlock_unlock(&h->life);
 }
 
+KMS_RESULT kms_hsm_enter(kms_hsm *h, kms_hsm_session *s)
+{
+    return hsm_enter(h, s);
+}
+
+void kms_hsm_leave(kms_hsm *h, kms_hsm_session *s)
+{
+    hsm_leave(h, s);
+}
+
 /* For idempotent operations: after a transient failure, recover and run
  * once more (the failed call had no effect the caller can see). A failed
  * recovery is itself the KMS_ERR_HSM_UNAVAILABLE the caller gets. */
@@ -548,6 +558,29 @@ static KMS_RESULT hsm_master_search(kms_hsm *h, kms_hsm_session *s,
     return KMS_OK_RESULT;
 }
 
+/* A master that another process created a moment ago may not be in this
+ * process's view of the token yet: SoftHSM re-reads its token directory
+ * lazily, and a search made right after the other process had created the
+ * object and recorded it in LMDB was seen to miss it and find it 50 ms
+ * later (the multi-process stress test). Where the caller has reason to
+ * believe the master exists, a miss is searched again for a short while
+ * before it is reported missing. */
+#define HSM_MASTER_SETTLE_TRIES 10
+#define HSM_MASTER_SETTLE_NS    (25L * 1000 * 1000)
+
+static KMS_RESULT hsm_master_search_settled(kms_hsm *h, kms_hsm_session *s,
+                                            const uint8_t id[KMS_HSM_ID_BYTES],
+                                            CK_OBJECT_HANDLE *out, bool *found)
+{
+    KMS_GUARD(hsm_master_search(h, s, id, out, found));
+    for (int i = 0; i < HSM_MASTER_SETTLE_TRIES && !*found; i++) {
+        struct timespec pause = {0, HSM_MASTER_SETTLE_NS};
+        nanosleep(&pause, NULL);
+        KMS_GUARD(hsm_master_search(h, s, id, out, found));
+    }
+    return KMS_OK_RESULT;
+}
+
 /* The master's handle: from the cache, else searched (first use, or
  * `refind` after the cached handle proved invalid). */
 static KMS_RESULT hsm_master_get(kms_hsm *h, kms_hsm_session *s, const uint8_t id[KMS_HSM_ID_BYTES],
@@ -558,7 +591,7 @@ static KMS_RESULT hsm_master_get(kms_hsm *h, kms_hsm_session *s, const uint8_t i
     else if (hsm_master_cached(h, id, out))
         return KMS_OK_RESULT;
     bool found = false;
-    KMS_GUARD(hsm_master_search(h, s, id, out, &found));
+    KMS_GUARD(hsm_master_search_settled(h, s, id, out, &found));
     KMS_ENSURE_MSG(found, KMS_ERR_HSM_OBJECT_MISSING, "master key not found on the token");
     hsm_master_remember(h, id, *out);
     return KMS_OK_RESULT;
@@ -667,12 +700,13 @@ KMS_RESULT kms_hsm_master_create(kms_hsm *h, uint8_t id_out[KMS_HSM_ID_BYTES])
 }
 
 static KMS_RESULT hsm_master_exists_once(kms_hsm *h, const uint8_t id[KMS_HSM_ID_BYTES],
-                                         bool *exists)
+                                         bool settle, bool *exists)
 {
     kms_hsm_session s;
     KMS_GUARD(hsm_enter(h, &s));
     CK_OBJECT_HANDLE o = CK_INVALID_HANDLE;
-    kms_result r = hsm_master_search(h, &s, id, &o, exists);
+    kms_result r = settle ? hsm_master_search_settled(h, &s, id, &o, exists)
+                          : hsm_master_search(h, &s, id, &o, exists);
     if (kms_is_ok(r) && *exists)
         hsm_master_remember(h, id, o);
     hsm_leave(h, &s);
@@ -682,7 +716,13 @@ static KMS_RESULT hsm_master_exists_once(kms_hsm *h, const uint8_t id[KMS_HSM_ID
 KMS_RESULT kms_hsm_master_exists(kms_hsm *h, const uint8_t id[KMS_HSM_ID_BYTES], bool *exists)
 {
     *exists = false;
-    return HSM_RETRY_ONCE(h, hsm_master_exists_once(h, id, exists));
+    return HSM_RETRY_ONCE(h, hsm_master_exists_once(h, id, false, exists));
+}
+
+KMS_RESULT kms_hsm_master_await(kms_hsm *h, const uint8_t id[KMS_HSM_ID_BYTES], bool *exists)
+{
+    *exists = false;
+    return HSM_RETRY_ONCE(h, hsm_master_exists_once(h, id, true, exists));
 }
 
 KMS_RESULT kms_hsm_master_destroy(kms_hsm *h, const uint8_t id[KMS_HSM_ID_BYTES])
@@ -740,6 +780,8 @@ static KMS_RESULT hsm_master_list_once(kms_hsm *h, uint8_t (**ids)[KMS_HSM_ID_BY
             if (rv == CKR_BUFFER_TOO_SMALL || rv == CKR_ATTRIBUTE_TYPE_INVALID ||
                 (rv == CKR_OK && a.ulValueLen != KMS_HSM_ID_BYTES))
                 continue; /* not one of ours: another id length */
+            if (hsm_rv_handle_invalid(rv))
+                continue; /* destroyed since the search (another process) */
             if (rv != CKR_OK) {
                 r = kms_hsm_session_fail(h, &s, rv, "C_GetAttributeValue", KMS_P11_CTX_ANY);
                 break;

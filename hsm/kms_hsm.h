@@ -71,6 +71,11 @@ void kms_hsm_close(kms_hsm *hsm);
 /* Generates a new master key on the token with a fresh random CKA_ID. */
 KMS_RESULT kms_hsm_master_create(kms_hsm *hsm, uint8_t id_out[KMS_HSM_ID_BYTES]);
 KMS_RESULT kms_hsm_master_exists(kms_hsm *hsm, const uint8_t id[KMS_HSM_ID_BYTES], bool *exists);
+/* As kms_hsm_master_exists, for a master the caller has reason to believe
+ * exists (another process recorded it): a miss is searched again for up to
+ * about 250 ms, since a token object another process has just created can
+ * take that long to appear in this process's view (SoftHSM). */
+KMS_RESULT kms_hsm_master_await(kms_hsm *hsm, const uint8_t id[KMS_HSM_ID_BYTES], bool *exists);
 KMS_RESULT kms_hsm_master_destroy(kms_hsm *hsm, const uint8_t id[KMS_HSM_ID_BYTES]);
 /* Lists the CKA_IDs of every kmsd master key on the token (start-up check
  * only: this searches the token). Caller frees *ids with free(). */
@@ -145,6 +150,26 @@ typedef struct {
 
 /* Lists the module's tokens (no login). Caller frees *tokens with free(). */
 KMS_RESULT kms_hsm_token_list(const char *module, kms_hsm_token_info **tokens, size_t *count);
+
+/* ---- the audit signing key (hsm/kms_hsm_sign.c) ----
+ * An EC P-256 key pair on the token: the private key CKA_TOKEN,
+ * CKA_PRIVATE, CKA_SENSITIVE, not CKA_EXTRACTABLE, CKA_SIGN only; the
+ * public key a token object too. Both carry a random 16-byte CKA_ID that
+ * the caller records. Signing is rare (chain heads, exports): the objects
+ * are searched on every use instead of cached. */
+
+#define KMS_HSM_ECDSA_SIG_MAX_BYTES 72 /* DER ECDSA-Sig-Value for P-256 */
+
+KMS_RESULT kms_hsm_signkey_create(kms_hsm *hsm, uint8_t id_out[KMS_HSM_ID_BYTES]);
+KMS_RESULT kms_hsm_signkey_exists(kms_hsm *hsm, const uint8_t id[KMS_HSM_ID_BYTES], bool *exists);
+/* The public key as DER SubjectPublicKeyInfo, appended to spki_out. */
+KMS_RESULT kms_hsm_signkey_public(kms_hsm *hsm, const uint8_t id[KMS_HSM_ID_BYTES],
+                                  kms_buf *spki_out);
+/* CKM_ECDSA over a SHA-256 digest; the signature as DER ECDSA-Sig-Value
+ * (what `openssl dgst -sha256 -verify` reads). */
+KMS_RESULT kms_hsm_signkey_sign(kms_hsm *hsm, const uint8_t id[KMS_HSM_ID_BYTES],
+                                const uint8_t digest[KMS_SHA256_BYTES],
+                                uint8_t sig[KMS_HSM_ECDSA_SIG_MAX_BYTES], size_t *sig_len);
 
 /* ---- observation ---- */
 

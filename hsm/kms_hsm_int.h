@@ -68,4 +68,9 @@ void kms_hsm_session_release(kms_hsm *hsm, kms_hsm_session *s);
 kms_result kms_hsm_session_fail(kms_hsm *hsm, kms_hsm_session *s, CK_RV rv, const char *function,
                                 kms_p11_ctx ctx);
 
+/* Enters an operation: recovers a broken pool first, holds `life` shared
+ * and one pool session until kms_hsm_leave (for kms_hsm_sign.c). */
+KMS_RESULT kms_hsm_enter(kms_hsm *hsm, kms_hsm_session *s);
+void kms_hsm_leave(kms_hsm *hsm, kms_hsm_session *s);
+
 #endif /* KMS_HSM_INT_H */

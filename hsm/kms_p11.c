@@ -265,3 +265,16 @@ CK_RV kms_p11_generate_random(kms_p11 *p, CK_SESSION_HANDLE s, uint8_t *out, siz
 {
     return P11_CALL(p, C_GenerateRandom, s, out, n);
 }
+
+CK_RV kms_p11_generate_key_pair(kms_p11 *p, CK_SESSION_HANDLE s, CK_MECHANISM *m,
+                                CK_ATTRIBUTE *pub_tmpl, CK_ULONG pub_n, CK_ATTRIBUTE *priv_tmpl,
+                                CK_ULONG priv_n, CK_OBJECT_HANDLE *pub, CK_OBJECT_HANDLE *priv)
+{
+    return P11_CALL(p, C_GenerateKeyPair, s, m, pub_tmpl, pub_n, priv_tmpl, priv_n, pub, priv);
+}
+
+CK_RV kms_p11_sign(kms_p11 *p, CK_SESSION_HANDLE s, const uint8_t *in, size_t in_len, uint8_t *out,
+                   CK_ULONG *out_len)
+{
+    return P11_CALL(p, C_Sign, s, (CK_BYTE_PTR)in, in_len, out, out_len);
+}

@@ -79,5 +79,11 @@ CK_RV kms_p11_sign_init(kms_p11 *p, CK_SESSION_HANDLE s, CK_MECHANISM *m, CK_OBJ
 CK_RV kms_p11_sign_update(kms_p11 *p, CK_SESSION_HANDLE s, const uint8_t *in, size_t in_len);
 CK_RV kms_p11_sign_final(kms_p11 *p, CK_SESSION_HANDLE s, uint8_t *out, CK_ULONG *out_len);
 CK_RV kms_p11_generate_random(kms_p11 *p, CK_SESSION_HANDLE s, uint8_t *out, size_t n);
+/* Added for the audit signing key (hsm/kms_hsm_sign.c). */
+CK_RV kms_p11_generate_key_pair(kms_p11 *p, CK_SESSION_HANDLE s, CK_MECHANISM *m,
+                                CK_ATTRIBUTE *pub_tmpl, CK_ULONG pub_n, CK_ATTRIBUTE *priv_tmpl,
+                                CK_ULONG priv_n, CK_OBJECT_HANDLE *pub, CK_OBJECT_HANDLE *priv);
+CK_RV kms_p11_sign(kms_p11 *p, CK_SESSION_HANDLE s, const uint8_t *in, size_t in_len, uint8_t *out,
+                   CK_ULONG *out_len);
 
 #endif /* KMS_P11_H */

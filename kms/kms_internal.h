@@ -84,6 +84,9 @@ struct kms {
     size_t nmasters;
     uint64_t masters_gen;
     bool masters_loaded;
+
+    /* The audit trail (kms_audit.c); NULL until kms_audit_start. */
+    struct kms_audit *audit;
 };
 
 int64_t kms_now(kms *k);
@@ -141,6 +144,12 @@ KMS_RESULT kms_rotation_new(kms *k, const kms_caller *c, const char *key, kms_ro
 KMS_RESULT kms_rotation_finish(kms *k, kms_rec_rotation *r, kms_rotation_status st);
 
 KMS_RESULT kms_check_run(kms *k, bool repair, bool deep, kms_check_report *out);
+
+/* Scheduler (kms_schedule.c): a scheduled rotation of `name`, done only if
+ * the key is still due inside the write transaction (*rotated false when
+ * it was not, and then nothing is written). */
+KMS_RESULT kms_key_rotate_if_due(kms *k, const char *name, int64_t jitter_window_s,
+                                 kms_rotation_info *out, bool *rotated);
 
 /* Test hook: sets a cached version's encryption counter (and its LMDB
  * reservation) so that the limit behaviour can be tested without 2^30

@@ -3,7 +3,9 @@
  * rotation and rollback, policy, rotation records, and the in-memory cache
  * the operations read from (see kms_internal.h for the cache's rules).
  */
+#include "kms_audit.h"
 #include "kms_internal.h"
+#include "kms_schedule.h"
 
 #include "kms_hash.h"
 #include "kms_rand.h"
@@ -679,6 +681,7 @@ void kms_close(kms *k)
 {
     if (k == NULL)
         return;
+    kms_audit_stop(k); /* drains queued records while store and HSM are open */
     if (k->store != NULL)
         kms_counters_flush(k);
     kms_cache_free(k);
@@ -860,15 +863,74 @@ static kms_result kms_version_generate(kms *k, uint8_t purpose, int64_t now, kms
     return KMS_OK_RESULT;
 }
 
+/* Inside a write transaction that stores a new version: is the master it
+ * was wrapped under still current or pending? A master rotation retires the
+ * old master in the same transaction that checks no version is left under
+ * it (kms_mfinal_txn), and LMDB serialises writers across threads and
+ * processes. So either this version commits first, and the master rotation
+ * sees it and rewraps it in another pass, or the master is already retired
+ * here, is about to be destroyed, and the version must not be stored. */
+static kms_result kms_txn_master_live(kms_txn *t, uint32_t master_version, bool *live)
+{
+    uint8_t key[4];
+    kms_rec_master_key(master_version, key);
+    const uint8_t *v;
+    size_t vlen;
+    bool found;
+    KMS_GUARD(kms_txn_get(t, KMS_DB_MASTERS, key, sizeof(key), &v, &vlen, &found));
+    *live = false;
+    if (found) {
+        kms_rec_master m;
+        KMS_GUARD(kms_rec_master_decode(v, vlen, &m));
+        *live = m.state == KMS_MASTER_CURRENT || m.state == KMS_MASTER_PENDING;
+    }
+    return KMS_OK_RESULT;
+}
+
+/* Attempts at generating a version when master rotations keep finishing
+ * between generation and commit (each one takes a full pass over every
+ * version, so more than a couple in a row means something else is wrong). */
+#define KMS_VERSION_COMMIT_ATTEMPTS 4
+
+/* Generates *ver under the current target master and commits it with fn.
+ * fn must call kms_txn_master_live first and, when the master is no longer
+ * live, write nothing and set *stale; the version is then generated again
+ * under the new target. A generation that finds the target master already
+ * destroyed (HSM_OBJECT_MISSING) is the same race seen from the HSM side. */
+static kms_result kms_version_commit(kms *k, uint8_t purpose, int64_t now, kms_rec_version *ver,
+                                     bool *stale, kms_store_fn fn, void *arg)
+{
+    kms_result r = KMS_OK_RESULT;
+    for (int attempt = 0; attempt < KMS_VERSION_COMMIT_ATTEMPTS; attempt++) {
+        *stale = false;
+        r = kms_version_generate(k, purpose, now, ver);
+        if (r.err == KMS_ERR_HSM_OBJECT_MISSING)
+            continue; /* the next kms_master_target reloads the masters */
+        KMS_GUARD(r);
+        KMS_GUARD(kms_write(k, fn, arg, true));
+        if (!*stale)
+            return KMS_OK_RESULT;
+    }
+    if (!kms_is_ok(r))
+        return r;
+    KMS_BAIL_MSG(KMS_ERR_STORE_BUSY, "the master key was rotated during every attempt");
+}
+
 typedef struct {
     const char *name;
     kms_rec_key key;
     kms_rec_version ver;
+    bool stale_master; /* out: ver's master was retired meanwhile */
 } kms_create_tx;
 
 static kms_result kms_create_txn(kms_txn *t, void *arg)
 {
     kms_create_tx *x = arg;
+    bool live;
+    KMS_GUARD(kms_txn_master_live(t, x->ver.master_version, &live));
+    x->stale_master = !live;
+    if (!live)
+        return KMS_OK_RESULT;
     kms_buf kb KMS_DEFER(kms_buf_cleanup) = {0};
     kms_buf vb KMS_DEFER(kms_buf_cleanup) = {0};
     KMS_GUARD(kms_rec_key_encode(&x->key, &kb));
@@ -899,8 +961,8 @@ static kms_result kms_key_create_locked(kms *k, const kms_key_spec *spec, kms_ke
     x.key.deletion_protection = spec->deletion_protection;
     x.key.created_at = now;
     x.key.rotated_at = now;
-    KMS_GUARD(kms_version_generate(k, x.key.purpose, now, &x.ver));
-    kms_result r = kms_write(k, kms_create_txn, &x, true);
+    kms_result r =
+        kms_version_commit(k, x.key.purpose, now, &x.ver, &x.stale_master, kms_create_txn, &x);
     kms_secmem_wipe(&x.ver, sizeof(x.ver));
     KMS_GUARD(r);
     if (out != NULL)
@@ -1302,6 +1364,12 @@ typedef struct {
     kms_rec_version ver; /* generated */
     int64_t now;
     kms_rec_key key; /* out */
+    /* Scheduler: rotate only if due at `now` (jitter window below), judged
+     * from rotated_at inside this transaction; else skipped, nothing written. */
+    bool if_due;
+    int64_t jitter_window_s;
+    bool skipped;      /* out */
+    bool stale_master; /* out: ver's master was retired meanwhile */
 } kms_rotate_tx;
 
 static kms_result kms_rotate_txn(kms_txn *t, void *arg)
@@ -1310,9 +1378,20 @@ static kms_result kms_rotate_txn(kms_txn *t, void *arg)
     const uint8_t *v;
     size_t vlen;
     bool found;
+    bool live;
+    KMS_GUARD(kms_txn_master_live(t, x->ver.master_version, &live));
+    x->stale_master = !live;
+    if (!live)
+        return KMS_OK_RESULT;
     KMS_GUARD(kms_txn_get(t, KMS_DB_KEYS, x->name, strlen(x->name), &v, &vlen, &found));
     KMS_ENSURE(found, KMS_ERR_KEY_NOT_FOUND);
     KMS_GUARD(kms_rec_key_decode(v, vlen, &x->key));
+    if (x->if_due) {
+        int64_t lead = kms_schedule_lead(x->name, x->jitter_window_s, x->key.warning_window_s);
+        x->skipped = x->now < x->key.rotated_at + x->key.rotation_period_s - lead;
+        if (x->skipped)
+            return KMS_OK_RESULT; /* rotated meanwhile, by this or another process */
+    }
     uint32_t from = x->key.primary_version;
     KMS_ENSURE(x->key.latest_version < UINT32_MAX, KMS_ERR_LIMIT_EXCEEDED);
     uint32_t to = x->key.latest_version + 1;
@@ -1368,11 +1447,10 @@ static kms_result kms_key_rotate_locked(kms *k, const kms_caller *c, const char 
 
     kms_rotate_tx x = {.name = name, .rot = &rot};
     x.now = kms_now(k);
-    kms_result r = kms_version_generate(k, rd.key.purpose, x.now, &x.ver);
     /* Transaction 2: the new version, primary, and the record succeeded,
      * all at once. */
-    if (kms_is_ok(r))
-        r = kms_write(k, kms_rotate_txn, &x, true);
+    kms_result r =
+        kms_version_commit(k, rd.key.purpose, x.now, &x.ver, &x.stale_master, kms_rotate_txn, &x);
     kms_secmem_wipe(&x.ver, sizeof(x.ver));
     if (!kms_is_ok(r)) {
         /* The record says failed; the caller gets the failure that stopped
@@ -1384,6 +1462,54 @@ static kms_result kms_key_rotate_locked(kms *k, const kms_caller *c, const char 
         return r;
     }
     if (out != NULL)
+        *out = rot.info;
+    return KMS_OK_RESULT;
+}
+
+/* The scheduler's rotation. Unlike a manual one it writes nothing before
+ * the HSM has generated the new secret: the single write transaction
+ * decides "due" from the stored rotated_at and, only if still due, stores
+ * the version, the new primary and the succeeded record together. A
+ * process that lost the race (or a tick repeated after a restart) skips,
+ * having spent one HSM generation; it never rotates a key twice. */
+KMS_RESULT kms_key_rotate_if_due(kms *k, const char *name, int64_t jitter_window_s,
+                                 kms_rotation_info *out, bool *rotated)
+{
+    KMS_ENSURE(k != NULL && rotated != NULL, KMS_ERR_INVALID_ARGUMENT);
+    KMS_GUARD(kms_name_check(name));
+    *rotated = false;
+    kms_caller sys = {.identity = "system"};
+    pthread_mutex_lock(&k->admin_mu);
+    kms_key_read_tx rd = {.name = name};
+    kms_rec_rotation rot;
+    kms_rotate_tx x = {
+        .name = name, .rot = &rot, .if_due = true, .jitter_window_s = jitter_window_s};
+    kms_result r = kms_store_read(k->store, kms_key_read_txn, &rd);
+    if (kms_is_ok(r) && !rd.found)
+        r = kms_error_raise(KMS_ERR_KEY_NOT_FOUND, __FILE__, __LINE__);
+    if (kms_is_ok(r))
+        r = kms_rotation_new(k, &sys, name, KMS_ROTATION_SCHEDULED, "rotation period elapsed",
+                             &rot);
+    bool have_rot = kms_is_ok(r);
+    if (kms_is_ok(r)) {
+        rot.info.from_version = rd.key.primary_version;
+        rot.info.to_version = rd.key.latest_version + 1;
+        x.now = kms_now(k);
+        r = kms_version_commit(k, rd.key.purpose, x.now, &x.ver, &x.stale_master, kms_rotate_txn,
+                               &x);
+    }
+    kms_secmem_wipe(&x.ver, sizeof(x.ver));
+    if (!kms_is_ok(r) && have_rot) {
+        /* A failed scheduled rotation is on the record: it counts against
+         * the success rate. (A skipped one is not a failure: no record.) */
+        if (!kms_is_ok(kms_rotation_finish(k, &rot, KMS_ROTATION_FAILED)))
+            fprintf(stderr, "kms: warning: rotation %s of %s could not be marked failed\n",
+                    rot.info.id, name);
+    }
+    pthread_mutex_unlock(&k->admin_mu);
+    KMS_GUARD(r);
+    *rotated = !x.skipped;
+    if (*rotated && out != NULL)
         *out = rot.info;
     return KMS_OK_RESULT;
 }

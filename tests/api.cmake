@@ -31,4 +31,12 @@ if(TARGET kmsd AND TARGET kms_testlib)
     LABELS integration
     TIMEOUT 240)
   add_dependencies(api_server_test kmsd)
+  # Rotation operations end to end: status, scheduler, emergency usage
+  # report, monthly report, kmsctl status/report.
+  kms_add_test(api_rotation_test
+    SOURCES integration/api_rotation_test.c integration/api_fixture.c
+    LIBS kms_testlib PkgConfig::CURL PkgConfig::JANSSON Threads::Threads
+    LABELS integration
+    TIMEOUT 120)
+  add_dependencies(api_rotation_test kmsd kmsctl)
 endif()

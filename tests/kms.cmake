@@ -9,3 +9,23 @@ kms_add_test(kms_states_test SOURCES integration/kms_states_test.c
   LIBS kms_core kms_testlib LABELS integration TIMEOUT 120)
 kms_add_test(kms_master_test SOURCES integration/kms_master_test.c
   LIBS kms_core kms_testlib LABELS integration TIMEOUT 180)
+kms_add_test(kms_schedule_test SOURCES integration/kms_schedule_test.c
+  LIBS kms_core kms_testlib LABELS integration TIMEOUT 180)
+# Audit trail (helper G1): chain, group commit, signatures, pruning, full store.
+kms_add_test(kms_audit_test SOURCES integration/kms_audit_test.c LIBS kms_core kms_testlib
+  LABELS integration TIMEOUT 180)
+# Compliance export and its offline verification, tamper matrix; the audit
+# trail through a real kmsd: kill -9 after a burst, a full audit device
+# (helper G1).
+if(TARGET kms_api AND TARGET kmsctl_core)
+  kms_add_test(audit_export_test SOURCES integration/audit_export_test.c
+    LIBS kms_api kmsctl_core kms_testlib LABELS integration TIMEOUT 180)
+endif()
+if(TARGET kmsd AND TARGET kms_testlib AND TARGET kmsctl_core)
+  kms_add_test(api_audit_test
+    SOURCES integration/api_audit_test.c integration/api_fixture.c
+    LIBS kms_testlib kmsctl_core PkgConfig::CURL PkgConfig::JANSSON Threads::Threads
+    LABELS integration
+    TIMEOUT 300)
+  add_dependencies(api_audit_test kmsd kmsctl)
+endif()

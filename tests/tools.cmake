@@ -2,6 +2,7 @@
 # real kmsd (registered once the kmsd and kms-token targets exist).
 kms_add_test(kmsctl_args_test SOURCES unit/kmsctl_args_test.c LIBS kmsctl_core LABELS unit)
 kms_add_test(kmsctl_out_test SOURCES unit/kmsctl_out_test.c LIBS kmsctl_core LABELS unit)
+kms_add_test(kmsctl_report_test SOURCES unit/kmsctl_report_test.c LIBS kmsctl_core LABELS unit)
 
 find_program(KMS_OPENSSL_CLI openssl REQUIRED)
 add_test(NAME pki_test COMMAND bash ${KMS_TEST_SOURCE_DIR}/integration/pki_test.sh)

@@ -23,6 +23,8 @@
 #include "kms_token.h"
 #include "kmsctl_args.h"
 #include "kmsctl_out.h"
+#include "kmsctl_report.h"
+#include "kmsctl_verify.h"
 
 #include <curl/curl.h>
 #include <errno.h>
@@ -845,7 +847,8 @@ static KMS_RESULT verb_key_list(kmsctl_run *r)
 static KMS_RESULT verb_key_show(kmsctl_run *r)
 {
     char path[KMSCTL_PATH_BYTES];
-    KMS_GUARD(key_path(r->a->pos[0], "", path, sizeof(path)));
+    /* With each version's uses in the last 30 days (from the audit log). */
+    KMS_GUARD(key_path(r->a->pos[0], "?uses=true", path, sizeof(path)));
     json_t *doc JSON_AUTO = NULL;
     KMS_GUARD(call(r, "GET", path, NULL, &doc));
     return print_key_doc(r, doc);
@@ -891,6 +894,12 @@ static KMS_RESULT print_rotation_answer(kmsctl_run *r, const json_t *doc)
         fputc('\n', stdout);
         KMS_GUARD(kmsctl_print_key(key, stdout));
     }
+    /* Emergency rotations: who used the compromised version. */
+    const json_t *usage = json_object_get(doc, "usage");
+    if (json_is_object(usage)) {
+        fputc('\n', stdout);
+        KMS_GUARD(kmsctl_print_usage(usage, stdout));
+    }
     return KMS_OK_RESULT;
 }
 
@@ -905,6 +914,12 @@ static KMS_RESULT verb_key_rotate(kmsctl_run *r)
     KMS_GUARD(obj_set(body, "type",
                       json_string(a->opt[KMSCTL_OPT_EMERGENCY].set ? "emergency" : "manual")));
     KMS_GUARD(opt_to_json(a, KMSCTL_OPT_REASON, body, "reason"));
+    if (a->opt[KMSCTL_OPT_LOOKBACK].set) {
+        if (!a->opt[KMSCTL_OPT_EMERGENCY].set) {
+            return fail(KMS_ERR_INVALID_ARGUMENT, "key rotate: --lookback needs --emergency");
+        }
+        KMS_GUARD(opt_to_json(a, KMSCTL_OPT_LOOKBACK, body, "lookback"));
+    }
     KMS_GUARD(call(r, "POST", path, body, &doc));
     return print_rotation_answer(r, doc);
 }
@@ -1036,6 +1051,55 @@ static KMS_RESULT verb_rotations(kmsctl_run *r)
         return print_raw(a, r->http, false);
     }
     return kmsctl_print_rotations(json_object_get(doc, "rotations"), stdout);
+}
+
+static KMS_RESULT verb_status(kmsctl_run *r)
+{
+    const kmsctl_args *a = r->a;
+    char query[KMSCTL_PATH_BYTES] = "";
+    if (a->opt[KMSCTL_OPT_DUE_WITHIN].set) {
+        char num[32];
+        snprintf(num, sizeof(num), "%lld", (long long)a->opt[KMSCTL_OPT_DUE_WITHIN].num);
+        KMS_GUARD(query_add(r->http->h, query, sizeof(query), "due_within", num));
+    }
+    if (a->opt[KMSCTL_OPT_OVERDUE].set) {
+        KMS_GUARD(query_add(r->http->h, query, sizeof(query), "overdue", "true"));
+    }
+    char path[KMSCTL_PATH_BYTES + 32];
+    snprintf(path, sizeof(path), "/v1/status%s", query);
+    json_t *doc JSON_AUTO = NULL;
+    KMS_GUARD(call(r, "GET", path, NULL, &doc));
+    if (a->opt[KMSCTL_OPT_JSON].set) {
+        return print_raw(a, r->http, false);
+    }
+    return kmsctl_print_status(doc, stdout);
+}
+
+static KMS_RESULT verb_report(kmsctl_run *r)
+{
+    const kmsctl_args *a = r->a;
+    char query[KMSCTL_PATH_BYTES] = "";
+    KMS_GUARD(query_add(r->http->h, query, sizeof(query), "month", a->opt[KMSCTL_OPT_MONTH].str));
+    char path[KMSCTL_PATH_BYTES + 32];
+    snprintf(path, sizeof(path), "/v1/report%s", query);
+    json_t *doc JSON_AUTO = NULL;
+    KMS_GUARD(call(r, "GET", path, NULL, &doc));
+    if (a->opt[KMSCTL_OPT_HTML].set) {
+        const char *file = a->opt[KMSCTL_OPT_HTML].str;
+        FILE *f = fopen(file, "w");
+        if (f == NULL) {
+            return fail(KMS_ERR_IO, "--html %s: %s", file, strerror(errno));
+        }
+        kms_result res = kmsctl_report_html(doc, f);
+        if (fclose(f) != 0 && kms_is_ok(res)) {
+            res = fail(KMS_ERR_IO, "--html %s: %s", file, strerror(errno));
+        }
+        KMS_GUARD(res);
+    }
+    if (a->opt[KMSCTL_OPT_JSON].set) {
+        return print_raw(a, r->http, false);
+    }
+    return kmsctl_print_report(doc, stdout);
 }
 
 static KMS_RESULT verb_check(kmsctl_run *r)
@@ -1288,6 +1352,133 @@ static KMS_RESULT verb_decrypt(kmsctl_run *r)
     return verb_open(r, "/decrypt");
 }
 
+/* ---- audit trail and exports (docs/audit.md) ---- */
+
+static void time_text(int64_t t, char *out, size_t n)
+{
+    time_t tt = (time_t)t;
+    struct tm tm;
+    if (gmtime_r(&tt, &tm) == NULL || strftime(out, n, "%Y-%m-%dT%H:%M:%SZ", &tm) == 0) {
+        snprintf(out, n, "%lld", (long long)t);
+    }
+}
+
+static KMS_RESULT verb_audit(kmsctl_run *r)
+{
+    const kmsctl_args *a = r->a;
+    static const struct {
+        kmsctl_opt_id id;
+        const char *param;
+    } params[] = {
+        {KMSCTL_OPT_FROM, "from"},         {KMSCTL_OPT_TO, "to"},
+        {KMSCTL_OPT_IDENTITY, "identity"}, {KMSCTL_OPT_OPERATION, "operation"},
+        {KMSCTL_OPT_AUDIT_KEY, "key"},     {KMSCTL_OPT_AFTER, "after"},
+        {KMSCTL_OPT_LIMIT, "limit"},
+    };
+    char query[KMSCTL_PATH_BYTES] = "";
+    for (size_t i = 0; i < KMS_ARRAY_LEN(params); i++) {
+        const kmsctl_value *v = &a->opt[params[i].id];
+        if (!v->set) {
+            continue;
+        }
+        char num[32];
+        const char *text = v->str;
+        if (kmsctl_option_get(params[i].id)->kind != KMSCTL_KIND_STRING) {
+            snprintf(num, sizeof(num), "%lld", (long long)v->num);
+            text = num;
+        }
+        KMS_GUARD(query_add(r->http->h, query, sizeof(query), params[i].param, text));
+    }
+    char path[KMSCTL_PATH_BYTES + 32];
+    snprintf(path, sizeof(path), "/v1/audit%s", query);
+    json_t *doc JSON_AUTO = NULL;
+    KMS_GUARD(call(r, "GET", path, NULL, &doc));
+    if (a->opt[KMSCTL_OPT_JSON].set) {
+        return print_raw(a, r->http, false);
+    }
+    json_t *recs = json_object_get(doc, "records");
+    printf("%-8s %-20s %-28s %-22s %-16s %-16s %-7s %s\n", "SEQ", "TIME", "IDENTITY", "SOURCE",
+           "OPERATION", "KEY", "VERSION", "RESULT");
+    size_t i;
+    json_t *e;
+    json_array_foreach(recs, i, e)
+    {
+        char when[32], ver[24];
+        time_text((int64_t)json_integer_value(json_object_get(e, "time")), when, sizeof(when));
+        json_int_t v = json_integer_value(json_object_get(e, "version"));
+        json_int_t tv = json_integer_value(json_object_get(e, "to_version"));
+        if (tv != 0) {
+            snprintf(ver, sizeof(ver), "%lld>%lld", (long long)v, (long long)tv);
+        } else if (v != 0) {
+            snprintf(ver, sizeof(ver), "%lld", (long long)v);
+        } else {
+            snprintf(ver, sizeof(ver), "-");
+        }
+        const char *id = json_string_value(json_object_get(e, "identity"));
+        const char *key = json_string_value(json_object_get(e, "key"));
+        printf("%-8lld %-20s %-28s %-22s %-16s %-16s %-7s %lld %s\n",
+               (long long)json_integer_value(json_object_get(e, "seq")), when,
+               id != NULL && id[0] ? id : "-",
+               json_string_value(json_object_get(e, "source")) ?: "-",
+               json_string_value(json_object_get(e, "operation")) ?: "-",
+               key != NULL && key[0] ? key : "-", ver,
+               (long long)json_integer_value(json_object_get(e, "status")),
+               json_string_value(json_object_get(e, "result")) ?: "-");
+    }
+    json_t *next = json_object_get(doc, "next");
+    if (json_is_integer(next)) {
+        printf("more: kmsctl audit ... --after %lld\n", (long long)json_integer_value(next));
+    }
+    return KMS_OK_RESULT;
+}
+
+static KMS_RESULT verb_export(kmsctl_run *r)
+{
+    const kmsctl_args *a = r->a;
+    json_t *body JSON_AUTO = NULL;
+    json_t *doc JSON_AUTO = NULL;
+    KMS_GUARD(new_object(&body));
+    if (a->opt[KMSCTL_OPT_FROM].set) {
+        KMS_GUARD(obj_set(body, "from", json_integer(a->opt[KMSCTL_OPT_FROM].num)));
+    }
+    if (a->opt[KMSCTL_OPT_TO].set) {
+        KMS_GUARD(obj_set(body, "to", json_integer(a->opt[KMSCTL_OPT_TO].num)));
+    }
+    KMS_GUARD(call(r, "POST", "/v1/export", body, &doc));
+    const char *dir = a->opt[KMSCTL_OPT_OUT_DIR].str;
+    KMS_GUARD(kmsctl_export_write(doc, dir));
+    const char *man =
+        json_string_value(json_object_get(json_object_get(doc, "files"), "manifest.json"));
+    if (a->opt[KMSCTL_OPT_JSON].set) {
+        fputs(man != NULL ? man : "{}\n", stdout);
+        return KMS_OK_RESULT;
+    }
+    json_t *m JSON_AUTO = man != NULL ? json_loads(man, 0, NULL) : NULL;
+    json_t *recs = json_object_get(m, "records");
+    printf("export written to %s: %lld audit records (seq %lld..%lld), head signed at seq %lld\n",
+           dir, (long long)json_integer_value(json_object_get(recs, "count")),
+           (long long)json_integer_value(json_object_get(recs, "first_seq")),
+           (long long)json_integer_value(json_object_get(recs, "last_seq")),
+           (long long)json_integer_value(json_object_get(json_object_get(m, "head"), "seq")));
+    printf("check it offline: kmsctl verify-export %s --public-key <trusted key>\n", dir);
+    return KMS_OK_RESULT;
+}
+
+/* Offline: no connection is made (main does not resolve one for it). */
+static KMS_RESULT verb_verify_export(kmsctl_run *r)
+{
+    kmsctl_verify_report rep;
+    const kmsctl_value *pin = &r->a->opt[KMSCTL_OPT_PUBLIC_KEY];
+    KMS_GUARD(kmsctl_verify_export(r->a->pos[0], pin->set ? pin->str : NULL, stdout, &rep));
+    if (rep.problems > 0) {
+        printf("verify-export: %zu problem(s): the export does not verify\n", rep.problems);
+        r->exit_code = 1;
+    } else {
+        printf("verify-export: the export verifies\n");
+    }
+    return KMS_OK_RESULT;
+}
+
 typedef KMS_RESULT (*verb_fn)(kmsctl_run *r);
 
 static const verb_fn verb_run[KMSCTL_VERB_COUNT] = {
@@ -1312,6 +1503,11 @@ static const verb_fn verb_run[KMSCTL_VERB_COUNT] = {
     [KMSCTL_VERB_VERIFY] = verb_verify,
     [KMSCTL_VERB_HEALTH] = verb_health,
     [KMSCTL_VERB_READY] = verb_ready,
+    [KMSCTL_VERB_STATUS] = verb_status,
+    [KMSCTL_VERB_REPORT] = verb_report,
+    [KMSCTL_VERB_AUDIT] = verb_audit,
+    [KMSCTL_VERB_EXPORT] = verb_export,
+    [KMSCTL_VERB_VERIFY_EXPORT] = verb_verify_export,
 };
 
 static int finish(kms_result r)
@@ -1353,12 +1549,16 @@ int main(int argc, char **argv)
     kmsctl_http http;
     memset(&http, 0, sizeof(http));
     kmsctl_run run = {.a = &args, .http = &http, .exit_code = 0};
-    r = conn_resolve(&args, &conn);
-    if (kms_is_ok(r)) {
-        r = http_init(&http, &conn);
-    }
-    if (kms_is_ok(r)) {
-        r = verb_run[args.verb->id](&run);
+    if (args.verb->id == KMSCTL_VERB_VERIFY_EXPORT) {
+        r = verb_verify_export(&run); /* offline: no kmsd */
+    } else {
+        r = conn_resolve(&args, &conn);
+        if (kms_is_ok(r)) {
+            r = http_init(&http, &conn);
+        }
+        if (kms_is_ok(r)) {
+            r = verb_run[args.verb->id](&run);
+        }
     }
     if (fflush(stdout) != 0 && kms_is_ok(r)) {
         r = fail(KMS_ERR_IO, "stdout: %s", strerror(errno));

@@ -80,8 +80,9 @@ static const kmsctl_option options[KMSCTL_OPT_COUNT] = {
         {KMSCTL_OPT_FILTER_KEY, "key", "NAME", KMSCTL_KIND_STRING,
          "Only rotations of key NAME. Here --key shadows the global --key: give the "
          "client key file before the verb or through KMSCTL_KEY."},
-    [KMSCTL_OPT_TYPE] = {KMSCTL_OPT_TYPE, "type", "TYPE", KMSCTL_KIND_STRING,
-                         "Only rotations of TYPE (scheduled, manual, emergency, rollback)."},
+    [KMSCTL_OPT_TYPE] =
+        {KMSCTL_OPT_TYPE, "type", "TYPE", KMSCTL_KIND_STRING,
+         "Only rotations of TYPE (scheduled, manual, emergency, rollback, master)."},
     [KMSCTL_OPT_STATUS] = {KMSCTL_OPT_STATUS, "status", "STATUS", KMSCTL_KIND_STRING,
                            "Only rotations in STATUS (started, succeeded, failed, "
                            "rolled_back)."},
@@ -113,6 +114,42 @@ static const kmsctl_option options[KMSCTL_OPT_COUNT] = {
                               "(required, mode 0600), the ciphertext to stdout."},
     [KMSCTL_OPT_MAC] = {KMSCTL_OPT_MAC, "mac", "TOKEN|@FILE", KMSCTL_KIND_STRING,
                         "The MAC token (kms1:...) to verify."},
+    [KMSCTL_OPT_DUE_WITHIN] = {KMSCTL_OPT_DUE_WITHIN, "due-within", "DURATION",
+                               KMSCTL_KIND_DURATION,
+                               "Only keys due for rotation within DURATION (overdue keys "
+                               "included), e.g. 7d."},
+    [KMSCTL_OPT_OVERDUE] = {KMSCTL_OPT_OVERDUE, "overdue", NULL, KMSCTL_KIND_FLAG,
+                            "Only keys past their rotation period."},
+    [KMSCTL_OPT_LOOKBACK] = {KMSCTL_OPT_LOOKBACK, "lookback", "DURATION", KMSCTL_KIND_DURATION,
+                             "--emergency: how far back the usage report of the compromised "
+                             "version reads the audit log (default 7d, at most 400d)."},
+    [KMSCTL_OPT_MONTH] = {KMSCTL_OPT_MONTH, "month", "YYYY-MM", KMSCTL_KIND_STRING,
+                          "The calendar month (UTC) to report on."},
+    [KMSCTL_OPT_HTML] = {KMSCTL_OPT_HTML, "html", "FILE", KMSCTL_KIND_STRING,
+                         "Also write the report as one self-contained HTML page (inline CSS "
+                         "and SVG charts, no script, nothing fetched) to FILE."},
+    [KMSCTL_OPT_FROM] = {KMSCTL_OPT_FROM, "from", "TIME", KMSCTL_KIND_TIME,
+                         "Records at or after TIME: Unix seconds, YYYY-MM-DD or "
+                         "YYYY-MM-DDTHH:MM:SSZ (UTC), or a duration ago (7d)."},
+    [KMSCTL_OPT_TO] = {KMSCTL_OPT_TO, "to", "TIME", KMSCTL_KIND_TIME,
+                       "Records at or before TIME (as --from)."},
+    [KMSCTL_OPT_IDENTITY] = {KMSCTL_OPT_IDENTITY, "identity", "ID", KMSCTL_KIND_STRING,
+                             "Only records of client identity ID (exact)."},
+    [KMSCTL_OPT_OPERATION] = {KMSCTL_OPT_OPERATION, "operation", "OP", KMSCTL_KIND_STRING,
+                              "Only records of operation OP (wrap, batch.unwrap, key.rotate, "
+                              "...; docs/audit.md lists them)."},
+    [KMSCTL_OPT_AFTER] = {KMSCTL_OPT_AFTER, "after", "SEQ", KMSCTL_KIND_UINT,
+                          "Only records with a sequence number above SEQ (paging)."},
+    [KMSCTL_OPT_AUDIT_KEY] =
+        {KMSCTL_OPT_AUDIT_KEY, "key", "NAME", KMSCTL_KIND_STRING,
+         "Only records about key NAME. Here --key shadows the global --key: give the "
+         "client key file before the verb or through KMSCTL_KEY."},
+    [KMSCTL_OPT_OUT_DIR] = {KMSCTL_OPT_OUT_DIR, "out", "DIR", KMSCTL_KIND_STRING,
+                            "Directory to write the export into; created (mode 0700), or "
+                            "must be empty."},
+    [KMSCTL_OPT_PUBLIC_KEY] = {KMSCTL_OPT_PUBLIC_KEY, "public-key", "FILE", KMSCTL_KIND_STRING,
+                               "The audit signing public key (PEM) obtained out of band; the "
+                               "export must be signed by it."},
 };
 
 #define DATA_IN_OUT (B(IN) | B(CONTEXT) | B(OUT))
@@ -148,7 +185,9 @@ static const kmsctl_verb verbs[KMSCTL_VERB_COUNT] = {
                               0,
                               "show a key and its versions",
                               "Prints the key's settings and a table of its versions: state, "
-                              "dates, use count and the master version that wraps each.",
+                              "dates, encryption count, requests in the last 30 days (USES "
+                              "30D, from the audit log: when it is 0, nothing has tried the "
+                              "version for a month) and the master version that wraps each.",
                               NULL,
                               "kmsctl key show billing-dek"},
     [KMSCTL_VERB_KEY_UPDATE] =
@@ -167,15 +206,20 @@ static const kmsctl_verb verbs[KMSCTL_VERB_COUNT] = {
         {KMSCTL_VERB_KEY_ROTATE,
          "key rotate",
          {"NAME"},
-         B(EMERGENCY) | B(REASON),
+         B(EMERGENCY) | B(REASON) | B(LOOKBACK),
          0,
          "make a new primary version",
          "Generates a new version in the HSM and makes it primary; older versions keep "
          "decrypting. With --emergency the previous primary is marked compromised: "
-         "applications can no longer read it, only the migrator role can rewrap it.",
+         "applications can no longer read it, only the migrator role can rewrap it; and the "
+         "answer carries a usage report of the compromised version from the audit log over "
+         "--lookback (default 7 days): which identities used it, for which operations, how "
+         "many times, first and last use, from which addresses. The rotation record's start "
+         "and finish measure the time to contain.",
          NULL,
          "kmsctl key rotate billing-dek --reason \"quarterly\"\n"
-         "kmsctl key rotate billing-dek --emergency --reason \"INC-1234 key exposure\""},
+         "kmsctl key rotate billing-dek --emergency --reason \"INC-1234 key exposure\"\n"
+         "kmsctl key rotate billing-dek --emergency --reason INC-1234 --lookback 30d --json"},
     [KMSCTL_VERB_KEY_ROLLBACK] = {KMSCTL_VERB_KEY_ROLLBACK,
                                   "key rollback",
                                   {"NAME"},
@@ -343,6 +387,83 @@ static const kmsctl_verb verbs[KMSCTL_VERB_COUNT] = {
                            "GET /readyz: prints ready, or not ready and the reason.",
                            "69  kmsd answered that it is not ready.",
                            "kmsctl ready"},
+    [KMSCTL_VERB_STATUS] = {KMSCTL_VERB_STATUS,
+                            "status",
+                            {NULL},
+                            B(DUE_WITHIN) | B(OVERDUE),
+                            0,
+                            "show every key's rotation status",
+                            "For every key: the primary version, when it was last rotated, when "
+                            "rotation is due, the days until then (negative once overdue) and "
+                            "whether it is due soon (inside its warning window) or overdue. "
+                            "Requires the admin or auditor role.",
+                            NULL,
+                            "kmsctl status\nkmsctl status --due-within 7d\n"
+                            "kmsctl status --overdue --json"},
+    [KMSCTL_VERB_REPORT] = {KMSCTL_VERB_REPORT,
+                            "report",
+                            {NULL},
+                            B(MONTH) | B(HTML),
+                            B(MONTH),
+                            "monthly rotation compliance report",
+                            "For the month: rotations by type and status, success rate, mean "
+                            "and median duration, emergency rotations against the 4-hour "
+                            "objective, keys rotated within their policy and the ones that were "
+                            "not, and the rotations due in the next 30 days. A table, --json, "
+                            "and with --html FILE one self-contained page with charts. Requires "
+                            "the admin or auditor role.",
+                            NULL,
+                            "kmsctl report --month 2026-10\n"
+                            "kmsctl report --month 2026-10 --html report-2026-10.html\n"
+                            "kmsctl report --month 2026-10 --json"},
+    [KMSCTL_VERB_AUDIT] = {KMSCTL_VERB_AUDIT,
+                           "audit",
+                           {NULL},
+                           B(FROM) | B(TO) | B(IDENTITY) | B(OPERATION) | B(AUDIT_KEY) | B(AFTER) |
+                               B(LIMIT),
+                           0,
+                           "list audit records",
+                           "Lists the audit trail's records (one per API request: time, "
+                           "identity, source address, request id, operation, key, versions, "
+                           "items, result), oldest first, filtered. Prints the --after value of "
+                           "the next page when there is one. Requires the auditor or admin "
+                           "role.",
+                           NULL,
+                           "kmsctl audit --from 1d --operation key.rotate\n"
+                           "kmsctl audit --identity spiffe://kmsd.dev/app --key billing-dek "
+                           "--json"},
+    [KMSCTL_VERB_EXPORT] = {KMSCTL_VERB_EXPORT,
+                            "export",
+                            {NULL},
+                            B(FROM) | B(TO) | B(OUT_DIR),
+                            B(OUT_DIR),
+                            "write a signed compliance export",
+                            "Asks kmsd for a compliance export of the range and writes it to "
+                            "--out DIR: inventory.csv and inventory.json (keys and versions, no "
+                            "secrets), rotations.json, audit.jsonl (the audit records, one per "
+                            "line, exactly as hashed), public-key.pem, manifest.json (each "
+                            "file's SHA-256, the chain anchors, the signed head) and "
+                            "manifest.sig (the HSM's signature of manifest.json). Check it with "
+                            "verify-export. Requires the auditor or admin role.",
+                            NULL,
+                            "kmsctl export --from 2026-10-01 --to 2026-10-31T23:59:59Z --out "
+                            "soc2-2026-10"},
+    [KMSCTL_VERB_VERIFY_EXPORT] = {KMSCTL_VERB_VERIFY_EXPORT,
+                                   "verify-export",
+                                   {"DIR"},
+                                   B(PUBLIC_KEY),
+                                   0,
+                                   "check a compliance export offline",
+                                   "Checks an export without kmsd: the manifest's signature, "
+                                   "every file's SHA-256, the signed chain positions, and the "
+                                   "hash chain of audit.jsonl. Says exactly what is wrong: a "
+                                   "changed record (its seq), a missing or reordered record, a "
+                                   "chain gap or truncation, a changed or missing file, a bad "
+                                   "signature. Give --public-key to pin the signing key.",
+                                   "1   the export does not verify (each problem is printed "
+                                   "as a FAIL line).",
+                                   "kmsctl verify-export soc2-2026-10 --public-key "
+                                   "kmsd-audit.pem"},
 };
 
 const kmsctl_verb *kmsctl_verbs(size_t *count)

@@ -50,6 +50,21 @@ typedef enum {
     KMSCTL_OPT_BYTES,
     KMSCTL_OPT_PLAINTEXT,
     KMSCTL_OPT_MAC,
+    /* rotation operations: status, report, emergency usage */
+    KMSCTL_OPT_DUE_WITHIN,
+    KMSCTL_OPT_OVERDUE,
+    KMSCTL_OPT_LOOKBACK,
+    KMSCTL_OPT_MONTH,
+    KMSCTL_OPT_HTML,
+    /* audit trail and exports */
+    KMSCTL_OPT_FROM,
+    KMSCTL_OPT_TO,
+    KMSCTL_OPT_IDENTITY,
+    KMSCTL_OPT_OPERATION,
+    KMSCTL_OPT_AFTER,
+    KMSCTL_OPT_AUDIT_KEY, /* "--key" after the audit verb */
+    KMSCTL_OPT_OUT_DIR,   /* "--out DIR" after the export verb */
+    KMSCTL_OPT_PUBLIC_KEY,
     KMSCTL_OPT_COUNT
 } kmsctl_opt_id;
 
@@ -98,6 +113,11 @@ typedef enum {
     KMSCTL_VERB_VERIFY,
     KMSCTL_VERB_HEALTH,
     KMSCTL_VERB_READY,
+    KMSCTL_VERB_STATUS,
+    KMSCTL_VERB_REPORT,
+    KMSCTL_VERB_AUDIT,
+    KMSCTL_VERB_EXPORT,
+    KMSCTL_VERB_VERIFY_EXPORT,
     KMSCTL_VERB_COUNT
 } kmsctl_verb_id;
 

@@ -213,7 +213,8 @@ KMS_RESULT kmsctl_print_versions(const json_t *versions, FILE *f)
         {"CREATED", "created_at", COL_TIME},       {"PRIMARY SINCE", "primary_at", COL_TIME},
         {"DEPRECATED", "deprecated_at", COL_TIME}, {"GRACE UNTIL", "grace_until", COL_TIME},
         {"DESTROY AT", "destroy_at", COL_TIME},    {"LAST USED", "last_used_at", COL_TIME},
-        {"ENCRYPTIONS", "encryptions", COL_TEXT},  {"MASTER", "master_version", COL_TEXT},
+        {"USES 30D", "uses_30d", COL_TEXT},        {"ENCRYPTIONS", "encryptions", COL_TEXT},
+        {"MASTER", "master_version", COL_TEXT},
     };
     return print_array(versions, cols, KMS_ARRAY_LEN(cols), f);
 }

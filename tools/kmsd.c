@@ -9,7 +9,9 @@
  */
 #define _GNU_SOURCE
 #include "kms.h"
+#include "kms_audit.h"
 #include "kms_api.h"
+#include "kms_schedule.h"
 #include "kms_secmem.h"
 
 #include <errno.h>
@@ -100,65 +102,71 @@ static kms_result file_private(const char *path, const char *what)
 typedef struct {
     kms *k;
     unsigned interval_s;
+    int64_t jitter_s;
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool stop;
 } scheduler;
 
-static void scheduler_pass(kms *k)
+static void scheduler_note(void *arg, const char *key, const kms_rotation_info *ri, kms_err err)
 {
-    char after[KMS_KEY_NAME_MAX_BYTES + 1] = "";
-    kms_caller sys = {.identity = "system", .request_id = NULL, .source_addr = NULL};
-    /* Bounded: at most 4096 pages of 256 keys per pass. */
-    for (int page = 0; page < 4096; page++) {
-        kms_key_info *keys = NULL;
-        size_t n = 0;
-        if (!kms_is_ok(kms_key_list(k, after[0] ? after : NULL, 256, &keys, &n))) {
-            kms_log(KMS_LOG_WARN, "scheduler: listing keys failed: %s", kms_error_detail());
-            return;
-        }
-        int64_t now = time(NULL);
-        for (size_t i = 0; i < n; i++) {
-            const kms_key_info *ki = &keys[i];
-            if (ki->rotation_period_s > 0 && now >= ki->rotated_at + ki->rotation_period_s) {
-                kms_rotation_info ri;
-                kms_result r = kms_key_rotate(k, &sys, ki->name, KMS_ROTATION_SCHEDULED,
-                                              "rotation period elapsed", &ri);
-                if (kms_is_ok(r)) {
-                    kms_log(KMS_LOG_INFO, "scheduler: rotated key=%s version %u -> %u", ki->name,
-                            ri.from_version, ri.to_version);
-                } else {
-                    kms_log(KMS_LOG_WARN, "scheduler: rotating key=%s failed: %s", ki->name,
-                            kms_error_code(r.err));
-                }
-            }
-        }
-        if (n > 0) {
-            memcpy(after, keys[n - 1].name, sizeof(after));
-        }
-        free(keys);
-        if (n < 256) {
-            return;
-        }
+    (void)arg;
+    if (ri != NULL) {
+        kms_log(KMS_LOG_INFO, "scheduler: rotated key=%s version %u -> %u", key, ri->from_version,
+                ri->to_version);
+    } else {
+        kms_log(KMS_LOG_WARN, "scheduler: rotating key=%s failed: %s", key, kms_error_code(err));
     }
+}
+
+/* One pass (kms_schedule_tick): due keys rotated with jitter, never twice
+ * (decided inside the write transaction), grace ends and due destructions
+ * stored. */
+static bool scheduler_pass(scheduler *sc)
+{
+    kms_schedule_opts o = {.jitter_window_s = sc->jitter_s > 0 ? sc->jitter_s : -1,
+                           .notify = scheduler_note};
+    kms_schedule_result res;
+    kms_result r = kms_schedule_tick(sc->k, &o, &res);
+    if (!kms_is_ok(r)) {
+        kms_log(KMS_LOG_WARN, "scheduler: pass incomplete: %s", kms_error_code(r.err));
+    }
+    if (res.deferred > 0 || res.grace_expired > 0 || res.destroyed > 0) {
+        kms_log(KMS_LOG_INFO,
+                "scheduler: %zu keys, %zu rotated, %zu deferred to the next pass, %zu grace "
+                "periods ended, %zu versions destroyed",
+                res.keys, res.rotated, res.deferred, res.grace_expired, res.destroyed);
+    }
+    return kms_is_ok(r);
 }
 
 static void *scheduler_main(void *arg)
 {
     scheduler *sc = arg;
+    unsigned failures = 0;
     pthread_mutex_lock(&sc->mu);
     while (!sc->stop) {
+        /* After failed passes (an HSM that is down), back off: the interval
+         * doubled per failure, at most 64 times or one hour, so that an
+         * outage leaves a failed rotation record now and then, not one per
+         * interval. */
+        uint64_t wait = sc->interval_s;
+        if (failures > 0) {
+            wait <<= failures < 6 ? failures : 6;
+            uint64_t cap = sc->interval_s > 3600 ? sc->interval_s : 3600;
+            wait = wait < cap ? wait : cap;
+        }
         struct timespec t;
         clock_gettime(CLOCK_REALTIME, &t);
-        t.tv_sec += sc->interval_s;
+        t.tv_sec += (time_t)wait;
         while (!sc->stop && pthread_cond_timedwait(&sc->cv, &sc->mu, &t) == 0) {
         }
         if (sc->stop) {
             break;
         }
         pthread_mutex_unlock(&sc->mu);
-        scheduler_pass(sc->k);
+        failures = scheduler_pass(sc) ? 0 : failures + 1;
         pthread_mutex_lock(&sc->mu);
     }
     pthread_mutex_unlock(&sc->mu);
@@ -199,6 +207,20 @@ static int run_worker(const kms_daemon_config *cfg, const int *fds, size_t nfds,
         die_result(r, "opening the store and the HSM");
         return kms_error_exit_code(r.err);
     }
+    /* The audit trail before the first request can arrive. */
+    kms_audit_config ac = {.enabled = cfg->audit != 0,
+                           .sign_every_records = cfg->audit_sign_every,
+                           .sign_every_s = cfg->audit_sign_interval_s,
+                           .retention_s = cfg->audit_retention_s};
+    r = kms_audit_start(k, &ac);
+    if (!kms_is_ok(r)) {
+        die_result(r, "starting the audit trail");
+        kms_close(k);
+        return kms_error_exit_code(r.err);
+    }
+    if (!ac.enabled) {
+        kms_log(KMS_LOG_WARN, "audit = off: requests are NOT audited (for benchmarks only)");
+    }
     kms_api_server *srv = NULL;
     r = kms_api_server_start(cfg, k, fds, nfds, threads, &srv);
     if (!kms_is_ok(r)) {
@@ -206,7 +228,8 @@ static int run_worker(const kms_daemon_config *cfg, const int *fds, size_t nfds,
         kms_close(k);
         return kms_error_exit_code(r.err);
     }
-    scheduler sc = {.k = k, .interval_s = cfg->scheduler_interval_s};
+    scheduler sc = {
+        .k = k, .interval_s = cfg->scheduler_interval_s, .jitter_s = cfg->scheduler_jitter_s};
     bool sched = run_scheduler && cfg->scheduler_interval_s > 0;
     pthread_mutex_init(&sc.mu, NULL);
     pthread_cond_init(&sc.cv, NULL);

@@ -137,6 +137,43 @@ static void test_validate(void **state)
     assert_int_equal(kms_config_validate(&cfg, "t.conf").err, KMS_ERR_CONFIG);
 }
 
+/* The audit options (docs/audit.md): on by default; off only when asked. */
+static void test_audit_options(void **state)
+{
+    (void)state;
+    kms_daemon_config cfg;
+    assert_true(kms_is_ok(parse("", &cfg)));
+    assert_int_equal(cfg.audit, 1);
+    assert_int_equal(cfg.audit_retention_s, 0);
+    assert_true(kms_is_ok(parse("audit = off\naudit_sign_every = 500\n"
+                                "audit_sign_interval = 2m\naudit_retention = 2555d\n",
+                                &cfg)));
+    assert_int_equal(cfg.audit, 0);
+    assert_int_equal(cfg.audit_sign_every, 500);
+    assert_int_equal(cfg.audit_sign_interval_s, 120);
+    assert_int_equal(cfg.audit_retention_s, 2555 * 86400);
+    assert_true(kms_is_ok(parse("audit = on\n", &cfg)));
+    assert_int_equal(cfg.audit, 1);
+    expect_error("audit = maybe\n", "t.conf:1: audit: expected on or off");
+    expect_error("audit = 0\n", "t.conf:1: audit: expected on or off");
+    expect_error("audit_sign_every = 0\n", "t.conf:1: audit_sign_every: must be between");
+}
+
+static void test_scheduler_options(void **state)
+{
+    (void)state;
+    kms_daemon_config cfg;
+    assert_true(kms_is_ok(parse("scheduler_interval = 30\n", &cfg)));
+    assert_int_equal(cfg.scheduler_jitter_s, 3600); /* default: one hour */
+    assert_true(kms_is_ok(parse("scheduler_interval = 1m\nscheduler_jitter = 2h\n", &cfg)));
+    assert_int_equal(cfg.scheduler_interval_s, 60);
+    assert_int_equal(cfg.scheduler_jitter_s, 7200);
+    assert_true(kms_is_ok(parse("scheduler_jitter = 0\n", &cfg)));
+    assert_int_equal(cfg.scheduler_jitter_s, 0);
+    expect_error("scheduler_jitter = 8d\n", "scheduler_jitter: must be between 0 and 604800");
+    expect_error("scheduler_jitter = -1\n", "scheduler_jitter: expected seconds");
+}
+
 static void test_load_missing_file(void **state)
 {
     (void)state;
@@ -152,7 +189,9 @@ int main(void)
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_validate),
+        cmocka_unit_test(test_audit_options),
         cmocka_unit_test(test_load_missing_file),
+        cmocka_unit_test(test_scheduler_options),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

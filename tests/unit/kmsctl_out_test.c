@@ -108,9 +108,9 @@ static void test_key_block(void **state)
              "rotated:                 -\n"
              "\n"
              "VERSION  STATE       CREATED               PRIMARY SINCE         DEPRECATED       "
-             "     GRACE UNTIL  DESTROY AT  LAST USED  ENCRYPTIONS  MASTER\n"
+             "     GRACE UNTIL  DESTROY AT  LAST USED  USES 30D  ENCRYPTIONS  MASTER\n"
              "1        deprecated  2026-11-01 00:00:00Z  2026-11-01 00:00:00Z  2026-11-01 "
-             "01:00:00Z  -            -           -          12           1\n");
+             "01:00:00Z  -            -           -          -         12           1\n");
     free(out);
     json_decref(key);
 

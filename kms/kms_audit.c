@@ -1,0 +1,1082 @@
+/*
+ * The audit trail (kms_audit.h, docs/audit.md).
+ *
+ * Layout in LMDB:
+ *   audit["<u64 BE seq>"]    = hash_seq (32 bytes) || canonical record bytes
+ *   meta["audit.tail"]       = u64 BE seq || hash_seq      (chain head)
+ *   meta["audit.anchor"]     = signed position before the first stored record
+ *   meta["audit.head.<seq>"] = signed heads (u64 BE seq in the key)
+ *   meta["audit.sigkey"]     = CKA_ID of the HSM signing key pair
+ *
+ * Group commit: request threads queue a waiter and block on it; one
+ * committer thread per process takes everything queued, writes it in one
+ * write transaction (which reads the tail, so processes sharing the store
+ * extend one chain: LMDB serialises their writers), commits with sync, and
+ * wakes the waiters with the result.
+ */
+#define _GNU_SOURCE
+#include "kms_audit.h"
+#include "kms_internal.h"
+
+#include "kms_hash.h"
+
+#include <openssl/bio.h>
+#include <openssl/pem.h>
+#include <openssl/x509.h>
+
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define AUDIT_BATCH_MAX        4096
+#define AUDIT_SIGN_EVERY_N     10000u
+#define AUDIT_SIGN_EVERY_S     300
+#define AUDIT_PROBE_EVERY_MS   500
+#define AUDIT_PRUNE_BATCH      20000
+#define AUDIT_PRUNE_EVERY_S    3600
+#define AUDIT_HEAD_VALUE_BYTES (8 + KMS_AUDIT_HASH_BYTES + 8 + 2 + KMS_AUDIT_SIG_MAX_BYTES)
+
+static const char audit_key_tail[] = "audit.tail";
+static const char audit_key_anchor[] = "audit.anchor";
+static const char audit_key_sigkey[] = "audit.sigkey";
+static const char audit_head_prefix[] = "audit.head.";
+#define AUDIT_HEAD_PREFIX_BYTES (sizeof(audit_head_prefix) - 1)
+
+typedef struct audit_waiter {
+    kms_audit_record *rec;
+    kms_result res;
+    bool done;
+    struct audit_waiter *next;
+} audit_waiter;
+
+struct kms_audit {
+    kms_audit_config cfg;
+    uint8_t sigkey[KMS_HSM_ID_BYTES];
+
+    pthread_mutex_t mu;
+    pthread_cond_t work; /* committer waits: queue non-empty or stop */
+    pthread_cond_t done; /* writers wait: their waiter done */
+    audit_waiter *head, *tail;
+    bool stopping;
+    bool failed; /* the last commit failed; cleared by a successful probe/commit */
+    pthread_t thread;
+    bool thread_started;
+
+    /* Committer-thread state (no lock). */
+    uint64_t unsigned_records;
+    int64_t last_signed;
+    int64_t last_pruned;
+    /* Serialises signing and pruning of this process. */
+    pthread_mutex_t sign_mu;
+};
+
+/* ---- canonical record bytes ---- */
+
+/* The escaping is part of the format: bytes 0x20..0x7e other than '"' and
+ * '\' stand for themselves, '"' and '\' are escaped with a backslash, every
+ * other byte is \u00XX (lowercase hex). One byte string has one encoding,
+ * and the result is valid JSON (RFC 8259 section 7). */
+static KMS_RESULT audit_put_str(kms_buf *b, const char *s)
+{
+    static const char hex[] = "0123456789abcdef";
+    KMS_GUARD(kms_buf_append_u8(b, '"'));
+    for (const unsigned char *p = (const unsigned char *)s; *p != 0; p++) {
+        if (*p == '"' || *p == '\\') {
+            uint8_t e[2] = {'\\', *p};
+            KMS_GUARD(kms_buf_append(b, e, 2));
+        } else if (*p >= 0x20 && *p <= 0x7e) {
+            KMS_GUARD(kms_buf_append_u8(b, *p));
+        } else {
+            uint8_t e[6] = {'\\', 'u', '0', '0', (uint8_t)hex[*p >> 4], (uint8_t)hex[*p & 15]};
+            KMS_GUARD(kms_buf_append(b, e, 6));
+        }
+    }
+    return kms_buf_append_u8(b, '"');
+}
+
+static KMS_RESULT audit_put_fmt(kms_buf *b, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static KMS_RESULT audit_put_fmt(kms_buf *b, const char *fmt, ...)
+{
+    char tmp[128];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
+    va_end(ap);
+    KMS_ENSURE(n >= 0 && (size_t)n < sizeof(tmp), KMS_ERR_INTERNAL);
+    return kms_buf_append(b, tmp, (size_t)n);
+}
+
+/* {"seq":S,"time":T,"identity":"","source":"","request_id":"","operation":"",
+ *  "key":"","version":V,"to_version":V,"items":N,"status":S,"result":"",
+ *  "prev":"<64 hex>"} */
+static KMS_RESULT audit_encode(const kms_audit_record *r, const uint8_t prev[KMS_AUDIT_HASH_BYTES],
+                               kms_buf *b)
+{
+    char prev_hex[2 * KMS_AUDIT_HASH_BYTES + 1];
+    kms_hex_encode(prev, KMS_AUDIT_HASH_BYTES, prev_hex);
+    KMS_GUARD(audit_put_fmt(b, "{\"seq\":%" PRIu64 ",\"time\":%" PRId64 ",\"identity\":", r->seq,
+                            r->time));
+    KMS_GUARD(audit_put_str(b, r->identity));
+    KMS_GUARD(audit_put_fmt(b, ",\"source\":"));
+    KMS_GUARD(audit_put_str(b, r->source));
+    KMS_GUARD(audit_put_fmt(b, ",\"request_id\":"));
+    KMS_GUARD(audit_put_str(b, r->request_id));
+    KMS_GUARD(audit_put_fmt(b, ",\"operation\":"));
+    KMS_GUARD(audit_put_str(b, r->operation));
+    KMS_GUARD(audit_put_fmt(b, ",\"key\":"));
+    KMS_GUARD(audit_put_str(b, r->key));
+    KMS_GUARD(audit_put_fmt(b,
+                            ",\"version\":%" PRIu32 ",\"to_version\":%" PRIu32 ",\"items\":%" PRIu32
+                            ",\"status\":%u,\"result\":",
+                            r->version, r->to_version, r->items, (unsigned)r->status));
+    KMS_GUARD(audit_put_str(b, r->result));
+    KMS_GUARD(audit_put_fmt(b, ",\"prev\":\"%s\"}", prev_hex));
+    return KMS_OK_RESULT;
+}
+
+/* The strict reader of exactly what audit_encode writes. */
+typedef struct {
+    const char *p, *end;
+} audit_rd;
+
+static KMS_RESULT audit_rd_lit(audit_rd *d, const char *lit)
+{
+    size_t n = strlen(lit);
+    KMS_ENSURE((size_t)(d->end - d->p) >= n && memcmp(d->p, lit, n) == 0, KMS_ERR_STORE_CORRUPT);
+    d->p += n;
+    return KMS_OK_RESULT;
+}
+
+static KMS_RESULT audit_rd_u64(audit_rd *d, uint64_t max, uint64_t *out)
+{
+    uint64_t v = 0;
+    const char *start = d->p;
+    while (d->p < d->end && *d->p >= '0' && *d->p <= '9') {
+        uint64_t dig = (uint64_t)(*d->p - '0');
+        KMS_ENSURE(v <= (max - dig) / 10, KMS_ERR_STORE_CORRUPT);
+        v = v * 10 + dig;
+        d->p++;
+    }
+    KMS_ENSURE(d->p > start && d->p - start <= 20, KMS_ERR_STORE_CORRUPT);
+    *out = v;
+    return KMS_OK_RESULT;
+}
+
+static KMS_RESULT audit_rd_i64(audit_rd *d, int64_t *out)
+{
+    bool neg = d->p < d->end && *d->p == '-';
+    if (neg)
+        d->p++;
+    uint64_t v;
+    KMS_GUARD(audit_rd_u64(d, (uint64_t)INT64_MAX, &v));
+    *out = neg ? -(int64_t)v : (int64_t)v;
+    return KMS_OK_RESULT;
+}
+
+static int audit_hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+static KMS_RESULT audit_rd_str(audit_rd *d, char *out, size_t cap)
+{
+    KMS_GUARD(audit_rd_lit(d, "\""));
+    size_t n = 0;
+    for (;;) {
+        KMS_ENSURE(d->p < d->end, KMS_ERR_STORE_CORRUPT);
+        char c = *d->p++;
+        if (c == '"')
+            break;
+        if (c == '\\') {
+            KMS_ENSURE(d->p < d->end, KMS_ERR_STORE_CORRUPT);
+            char e = *d->p++;
+            if (e == '"' || e == '\\') {
+                c = e;
+            } else {
+                KMS_ENSURE(e == 'u' && d->end - d->p >= 4 && d->p[0] == '0' && d->p[1] == '0',
+                           KMS_ERR_STORE_CORRUPT);
+                int hi = audit_hexval(d->p[2]), lo = audit_hexval(d->p[3]);
+                KMS_ENSURE(hi >= 0 && lo >= 0, KMS_ERR_STORE_CORRUPT);
+                c = (char)(hi << 4 | lo);
+                KMS_ENSURE(c != 0, KMS_ERR_STORE_CORRUPT);
+                d->p += 4;
+            }
+        }
+        KMS_ENSURE(n + 1 < cap, KMS_ERR_STORE_CORRUPT);
+        out[n++] = c;
+    }
+    out[n] = 0;
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_audit_record_parse(const uint8_t *bytes, size_t len, kms_audit_record *r)
+{
+    KMS_ENSURE(bytes != NULL && r != NULL, KMS_ERR_INVALID_ARGUMENT);
+    memset(r, 0, sizeof(*r));
+    audit_rd d = {(const char *)bytes, (const char *)bytes + len};
+    uint64_t v;
+    KMS_GUARD(audit_rd_lit(&d, "{\"seq\":"));
+    KMS_GUARD(audit_rd_u64(&d, UINT64_MAX, &r->seq));
+    KMS_GUARD(audit_rd_lit(&d, ",\"time\":"));
+    KMS_GUARD(audit_rd_i64(&d, &r->time));
+    KMS_GUARD(audit_rd_lit(&d, ",\"identity\":"));
+    KMS_GUARD(audit_rd_str(&d, r->identity, sizeof(r->identity)));
+    KMS_GUARD(audit_rd_lit(&d, ",\"source\":"));
+    KMS_GUARD(audit_rd_str(&d, r->source, sizeof(r->source)));
+    KMS_GUARD(audit_rd_lit(&d, ",\"request_id\":"));
+    KMS_GUARD(audit_rd_str(&d, r->request_id, sizeof(r->request_id)));
+    KMS_GUARD(audit_rd_lit(&d, ",\"operation\":"));
+    KMS_GUARD(audit_rd_str(&d, r->operation, sizeof(r->operation)));
+    KMS_GUARD(audit_rd_lit(&d, ",\"key\":"));
+    KMS_GUARD(audit_rd_str(&d, r->key, sizeof(r->key)));
+    KMS_GUARD(audit_rd_lit(&d, ",\"version\":"));
+    KMS_GUARD(audit_rd_u64(&d, UINT32_MAX, &v));
+    r->version = (uint32_t)v;
+    KMS_GUARD(audit_rd_lit(&d, ",\"to_version\":"));
+    KMS_GUARD(audit_rd_u64(&d, UINT32_MAX, &v));
+    r->to_version = (uint32_t)v;
+    KMS_GUARD(audit_rd_lit(&d, ",\"items\":"));
+    KMS_GUARD(audit_rd_u64(&d, UINT32_MAX, &v));
+    r->items = (uint32_t)v;
+    KMS_GUARD(audit_rd_lit(&d, ",\"status\":"));
+    KMS_GUARD(audit_rd_u64(&d, UINT16_MAX, &v));
+    r->status = (uint16_t)v;
+    KMS_GUARD(audit_rd_lit(&d, ",\"result\":"));
+    KMS_GUARD(audit_rd_str(&d, r->result, sizeof(r->result)));
+    KMS_GUARD(audit_rd_lit(&d, ",\"prev\":\""));
+    KMS_ENSURE(d.end - d.p == 2 * KMS_AUDIT_HASH_BYTES + 2, KMS_ERR_STORE_CORRUPT);
+    return KMS_OK_RESULT;
+}
+
+/* ---- small LMDB helpers ---- */
+
+static void audit_be64(uint64_t v, uint8_t out[8])
+{
+    for (int i = 7; i >= 0; i--) {
+        out[i] = (uint8_t)v;
+        v >>= 8;
+    }
+}
+
+static uint64_t audit_rd_be64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+static KMS_RESULT audit_tail_get(kms_txn *t, uint64_t *seq, uint8_t hash[KMS_AUDIT_HASH_BYTES])
+{
+    const uint8_t *v;
+    size_t vlen;
+    bool found;
+    KMS_GUARD(
+        kms_txn_get(t, KMS_DB_META, audit_key_tail, sizeof(audit_key_tail) - 1, &v, &vlen, &found));
+    if (!found) {
+        *seq = 0;
+        memset(hash, 0, KMS_AUDIT_HASH_BYTES);
+        return KMS_OK_RESULT;
+    }
+    KMS_ENSURE_MSG(vlen == 8 + KMS_AUDIT_HASH_BYTES, KMS_ERR_STORE_CORRUPT, "audit tail malformed");
+    *seq = audit_rd_be64(v);
+    memcpy(hash, v + 8, KMS_AUDIT_HASH_BYTES);
+    return KMS_OK_RESULT;
+}
+
+static KMS_RESULT audit_tail_put(kms_txn *t, uint64_t seq, const uint8_t hash[KMS_AUDIT_HASH_BYTES])
+{
+    uint8_t v[8 + KMS_AUDIT_HASH_BYTES];
+    audit_be64(seq, v);
+    memcpy(v + 8, hash, KMS_AUDIT_HASH_BYTES);
+    return kms_txn_put(t, KMS_DB_META, audit_key_tail, sizeof(audit_key_tail) - 1, v, sizeof(v),
+                       false);
+}
+
+/* ---- signed positions ---- */
+
+static void audit_signed_msg(kms_audit_signed *s)
+{
+    char hex[2 * KMS_AUDIT_HASH_BYTES + 1];
+    kms_hex_encode(s->hash, KMS_AUDIT_HASH_BYTES, hex);
+    int n = snprintf(s->msg, sizeof(s->msg),
+                     "{\"type\":\"kmsd-audit-head\",\"seq\":%" PRIu64
+                     ",\"hash\":\"%s\",\"time\":%" PRId64 "}",
+                     s->seq, hex, s->time);
+    s->msg_len = n > 0 && (size_t)n < sizeof(s->msg) ? (size_t)n : 0;
+}
+
+static void audit_signed_encode(const kms_audit_signed *s, uint8_t *v, size_t *vlen)
+{
+    audit_be64(s->seq, v);
+    memcpy(v + 8, s->hash, KMS_AUDIT_HASH_BYTES);
+    audit_be64((uint64_t)s->time, v + 8 + KMS_AUDIT_HASH_BYTES);
+    v[8 + KMS_AUDIT_HASH_BYTES + 8] = (uint8_t)(s->sig_len >> 8);
+    v[8 + KMS_AUDIT_HASH_BYTES + 9] = (uint8_t)s->sig_len;
+    memcpy(v + 8 + KMS_AUDIT_HASH_BYTES + 10, s->sig, s->sig_len);
+    *vlen = 8 + KMS_AUDIT_HASH_BYTES + 10 + s->sig_len;
+}
+
+static KMS_RESULT audit_signed_decode(const uint8_t *v, size_t vlen, kms_audit_signed *s)
+{
+    memset(s, 0, sizeof(*s));
+    const size_t fixed = 8 + KMS_AUDIT_HASH_BYTES + 10;
+    KMS_ENSURE_MSG(vlen >= fixed, KMS_ERR_STORE_CORRUPT, "signed audit head malformed");
+    s->seq = audit_rd_be64(v);
+    memcpy(s->hash, v + 8, KMS_AUDIT_HASH_BYTES);
+    s->time = (int64_t)audit_rd_be64(v + 8 + KMS_AUDIT_HASH_BYTES);
+    s->sig_len = (size_t)v[fixed - 2] << 8 | v[fixed - 1];
+    KMS_ENSURE_MSG(s->sig_len <= KMS_AUDIT_SIG_MAX_BYTES && vlen == fixed + s->sig_len,
+                   KMS_ERR_STORE_CORRUPT, "signed audit head malformed");
+    memcpy(s->sig, v + fixed, s->sig_len);
+    audit_signed_msg(s);
+    return KMS_OK_RESULT;
+}
+
+/* ---- the signing key ---- */
+
+typedef struct {
+    uint8_t id[KMS_HSM_ID_BYTES];
+    bool found;
+} audit_sigkey_arg;
+
+static kms_result audit_sigkey_read(kms_txn *t, void *argp)
+{
+    audit_sigkey_arg *a = argp;
+    const uint8_t *v;
+    size_t vlen;
+    KMS_GUARD(kms_txn_get(t, KMS_DB_META, audit_key_sigkey, sizeof(audit_key_sigkey) - 1, &v, &vlen,
+                          &a->found));
+    if (a->found) {
+        KMS_ENSURE_MSG(vlen == KMS_HSM_ID_BYTES, KMS_ERR_STORE_CORRUPT, "audit.sigkey malformed");
+        memcpy(a->id, v, KMS_HSM_ID_BYTES);
+    }
+    return KMS_OK_RESULT;
+}
+
+static kms_result audit_sigkey_write(kms_txn *t, void *argp)
+{
+    audit_sigkey_arg *a = argp;
+    return kms_txn_put(t, KMS_DB_META, audit_key_sigkey, sizeof(audit_key_sigkey) - 1, a->id,
+                       KMS_HSM_ID_BYTES, true);
+}
+
+static KMS_RESULT audit_sigkey_setup(kms *k, uint8_t id[KMS_HSM_ID_BYTES])
+{
+    audit_sigkey_arg a = {0};
+    KMS_GUARD(kms_store_read(k->store, audit_sigkey_read, &a));
+    if (!a.found) {
+        KMS_GUARD(kms_hsm_signkey_create(k->hsm, a.id));
+        kms_result r = kms_store_write(k->store, audit_sigkey_write, &a);
+        if (r.err == KMS_ERR_KEY_EXISTS) {
+            /* Another process of this store created one first: use it (the
+             * pair made here stays unused on the token). */
+            KMS_GUARD(kms_store_read(k->store, audit_sigkey_read, &a));
+        } else {
+            KMS_GUARD(r);
+        }
+    }
+    bool exists = false;
+    KMS_GUARD(kms_hsm_signkey_exists(k->hsm, a.id, &exists));
+    KMS_ENSURE_MSG(exists, KMS_ERR_HSM_OBJECT_MISSING,
+                   "the audit signing key recorded in the store is not on the token");
+    memcpy(id, a.id, KMS_HSM_ID_BYTES);
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_audit_sign(kms *k, const uint8_t *msg, size_t msg_len,
+                          uint8_t sig[KMS_AUDIT_SIG_MAX_BYTES], size_t *sig_len)
+{
+    KMS_ENSURE(k->audit != NULL, KMS_ERR_AUDIT_UNAVAILABLE);
+    uint8_t digest[KMS_SHA256_BYTES];
+    KMS_GUARD(kms_sha256(msg, msg_len, digest));
+    return kms_hsm_signkey_sign(k->hsm, k->audit->sigkey, digest, sig, sig_len);
+}
+
+static void audit_bio_free(BIO **b)
+{
+    BIO_free(*b);
+}
+static void audit_pkey_free(EVP_PKEY **p)
+{
+    EVP_PKEY_free(*p);
+}
+
+KMS_RESULT kms_audit_public_key_pem(kms *k, char **pem)
+{
+    KMS_ENSURE(k->audit != NULL, KMS_ERR_AUDIT_UNAVAILABLE);
+    kms_buf der KMS_DEFER(kms_buf_cleanup) = {0};
+    KMS_GUARD(kms_hsm_signkey_public(k->hsm, k->audit->sigkey, &der));
+    const unsigned char *p = der.data;
+    EVP_PKEY *pkey KMS_DEFER(audit_pkey_free) = d2i_PUBKEY(NULL, &p, (long)der.len);
+    KMS_ENSURE(pkey != NULL, KMS_ERR_CRYPTO);
+    BIO *bio KMS_DEFER(audit_bio_free) = BIO_new(BIO_s_mem());
+    KMS_ENSURE(bio != NULL, KMS_ERR_NO_MEMORY);
+    KMS_GUARD_OSSL(PEM_write_bio_PUBKEY(bio, pkey), KMS_ERR_CRYPTO);
+    char *data = NULL;
+    long n = BIO_get_mem_data(bio, &data);
+    KMS_ENSURE(n > 0, KMS_ERR_CRYPTO);
+    *pem = strndup(data, (size_t)n);
+    KMS_ENSURE(*pem != NULL, KMS_ERR_NO_MEMORY);
+    return KMS_OK_RESULT;
+}
+
+/* ---- head and anchor ---- */
+
+typedef struct {
+    uint64_t seq;
+    uint8_t hash[KMS_AUDIT_HASH_BYTES];
+} audit_pos;
+
+static kms_result audit_tail_read(kms_txn *t, void *argp)
+{
+    audit_pos *p = argp;
+    return audit_tail_get(t, &p->seq, p->hash);
+}
+
+KMS_RESULT kms_audit_head_get(kms *k, uint64_t *seq, uint8_t hash[KMS_AUDIT_HASH_BYTES])
+{
+    audit_pos p;
+    KMS_GUARD(kms_store_read(k->store, audit_tail_read, &p));
+    *seq = p.seq;
+    memcpy(hash, p.hash, KMS_AUDIT_HASH_BYTES);
+    return KMS_OK_RESULT;
+}
+
+static kms_result audit_head_store(kms_txn *t, void *argp)
+{
+    const kms_audit_signed *s = argp;
+    uint8_t key[AUDIT_HEAD_PREFIX_BYTES + 8];
+    memcpy(key, audit_head_prefix, AUDIT_HEAD_PREFIX_BYTES);
+    audit_be64(s->seq, key + AUDIT_HEAD_PREFIX_BYTES);
+    uint8_t v[AUDIT_HEAD_VALUE_BYTES];
+    size_t vlen;
+    audit_signed_encode(s, v, &vlen);
+    return kms_txn_put(t, KMS_DB_META, key, sizeof(key), v, vlen, false);
+}
+
+static KMS_RESULT audit_position_sign(kms *k, kms_audit_signed *s)
+{
+    s->time = kms_now(k);
+    audit_signed_msg(s);
+    KMS_ENSURE(s->msg_len > 0, KMS_ERR_INTERNAL);
+    return kms_audit_sign(k, (const uint8_t *)s->msg, s->msg_len, s->sig, &s->sig_len);
+}
+
+KMS_RESULT kms_audit_head_sign(kms *k, kms_audit_signed *out)
+{
+    KMS_ENSURE(k->audit != NULL, KMS_ERR_AUDIT_UNAVAILABLE);
+    kms_audit_signed s = {0};
+    KMS_GUARD(kms_audit_head_get(k, &s.seq, s.hash));
+    KMS_GUARD(audit_position_sign(k, &s));
+    KMS_GUARD(kms_store_write(k->store, audit_head_store, &s));
+    if (out != NULL)
+        *out = s;
+    return KMS_OK_RESULT;
+}
+
+typedef struct {
+    kms_audit_signed *s;
+    bool found;
+} audit_anchor_arg;
+
+static kms_result audit_anchor_read(kms_txn *t, void *argp)
+{
+    audit_anchor_arg *a = argp;
+    const uint8_t *v;
+    size_t vlen;
+    KMS_GUARD(kms_txn_get(t, KMS_DB_META, audit_key_anchor, sizeof(audit_key_anchor) - 1, &v, &vlen,
+                          &a->found));
+    if (a->found)
+        KMS_GUARD(audit_signed_decode(v, vlen, a->s));
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_audit_anchor_get(kms *k, kms_audit_signed *out)
+{
+    memset(out, 0, sizeof(*out));
+    audit_anchor_arg a = {.s = out};
+    KMS_GUARD(kms_store_read(k->store, audit_anchor_read, &a));
+    if (!a.found)
+        audit_signed_msg(out); /* seq 0, hash_0: the genesis, unsigned */
+    return KMS_OK_RESULT;
+}
+
+typedef struct {
+    uint64_t from, to;
+    size_t max;
+    kms_audit_signed *v;
+    size_t n;
+} audit_heads_arg;
+
+static kms_result audit_heads_visit(const uint8_t *key, size_t klen, const uint8_t *val,
+                                    size_t vlen, void *argp, bool *stop)
+{
+    audit_heads_arg *a = argp;
+    KMS_ENSURE(klen == AUDIT_HEAD_PREFIX_BYTES + 8, KMS_ERR_STORE_CORRUPT);
+    uint64_t seq = audit_rd_be64(key + AUDIT_HEAD_PREFIX_BYTES);
+    if (seq > a->to || a->n == a->max) {
+        *stop = true;
+        return KMS_OK_RESULT;
+    }
+    return audit_signed_decode(val, vlen, &a->v[a->n++]);
+}
+
+static kms_result audit_heads_read(kms_txn *t, void *argp)
+{
+    audit_heads_arg *a = argp;
+    a->n = 0;
+    uint8_t start[AUDIT_HEAD_PREFIX_BYTES + 8];
+    memcpy(start, audit_head_prefix, AUDIT_HEAD_PREFIX_BYTES);
+    audit_be64(a->from, start + AUDIT_HEAD_PREFIX_BYTES);
+    return kms_txn_scan(t, KMS_DB_META, start, sizeof(start), audit_head_prefix,
+                        AUDIT_HEAD_PREFIX_BYTES, audit_heads_visit, a);
+}
+
+KMS_RESULT kms_audit_heads_list(kms *k, uint64_t from_seq, uint64_t to_seq, size_t max,
+                                kms_audit_signed **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    if (max == 0 || from_seq > to_seq)
+        return KMS_OK_RESULT;
+    KMS_ENSURE(max <= 100000, KMS_ERR_LIMIT_EXCEEDED);
+    audit_heads_arg a = {.from = from_seq, .to = to_seq, .max = max};
+    a.v = calloc(max, sizeof(*a.v));
+    KMS_ENSURE(a.v != NULL, KMS_ERR_NO_MEMORY);
+    kms_result r = kms_store_read(k->store, audit_heads_read, &a);
+    if (!kms_is_ok(r) || a.n == 0) {
+        free(a.v);
+        return r;
+    }
+    *out = a.v;
+    *n = a.n;
+    return KMS_OK_RESULT;
+}
+
+/* ---- append: the committer ---- */
+
+typedef struct {
+    audit_waiter *list;
+    size_t count;
+    uint64_t last_seq;
+    kms_buf scratch;
+} audit_batch;
+
+static kms_result audit_batch_write(kms_txn *t, void *argp)
+{
+    audit_batch *b = argp;
+    uint64_t seq;
+    uint8_t hash[KMS_AUDIT_HASH_BYTES];
+    /* Inside the write transaction: another process's committer may have
+     * extended the chain since this process last looked. */
+    KMS_GUARD(audit_tail_get(t, &seq, hash));
+    for (audit_waiter *w = b->list; w != NULL; w = w->next) {
+        kms_audit_record *r = w->rec;
+        r->seq = ++seq;
+        kms_buf_reset(&b->scratch);
+        KMS_GUARD(kms_buf_extend(&b->scratch, KMS_AUDIT_HASH_BYTES, &(uint8_t *){NULL}));
+        KMS_GUARD(audit_encode(r, hash, &b->scratch));
+        const uint8_t *rec = b->scratch.data + KMS_AUDIT_HASH_BYTES;
+        size_t rec_len = b->scratch.len - KMS_AUDIT_HASH_BYTES;
+        kms_iov parts[2] = {{hash, KMS_AUDIT_HASH_BYTES}, {rec, rec_len}};
+        KMS_GUARD(kms_sha256_iov(parts, 2, hash));
+        memcpy(b->scratch.data, hash, KMS_AUDIT_HASH_BYTES);
+        memcpy(r->hash, hash, KMS_AUDIT_HASH_BYTES);
+        uint8_t key[8];
+        audit_be64(seq, key);
+        KMS_GUARD(
+            kms_txn_put(t, KMS_DB_AUDIT, key, sizeof(key), b->scratch.data, b->scratch.len, true));
+    }
+    b->last_seq = seq;
+    return audit_tail_put(t, seq, hash);
+}
+
+static const char audit_key_probe[] = "audit.probe";
+
+static kms_result audit_probe_write(kms_txn *t, void *argp)
+{
+    (void)argp;
+    uint8_t v[64] = {0};
+    return kms_txn_put(t, KMS_DB_META, audit_key_probe, sizeof(audit_key_probe) - 1, v, sizeof(v),
+                       false);
+}
+
+static void audit_maybe_sign(kms *k, size_t written)
+{
+    struct kms_audit *a = k->audit;
+    a->unsigned_records += written;
+    int64_t now = kms_now(k);
+    if (a->unsigned_records == 0)
+        return;
+    if (a->unsigned_records < a->cfg.sign_every_records &&
+        now - a->last_signed < a->cfg.sign_every_s)
+        return;
+    pthread_mutex_lock(&a->sign_mu);
+    kms_result r = kms_audit_head_sign(k, NULL);
+    pthread_mutex_unlock(&a->sign_mu);
+    if (kms_is_ok(r)) {
+        a->unsigned_records = 0;
+        a->last_signed = now;
+    } else {
+        /* Not fatal to the requests: records are durable and chained; the
+         * next head signed covers them. Retry after the period. */
+        a->last_signed = now;
+        fprintf(stderr, "kmsd: audit: signing the chain head failed: %s (%s)\n",
+                kms_error_code(r.err), kms_error_detail());
+    }
+}
+
+/* Retention runs in the committer's idle time, once an hour (and once
+ * soon after start): pruning is one write transaction per batch. */
+static void audit_maybe_prune(kms *k)
+{
+    struct kms_audit *a = k->audit;
+    if (a->cfg.retention_s == 0)
+        return;
+    int64_t now = kms_now(k);
+    if (a->last_pruned != 0 && now - a->last_pruned < AUDIT_PRUNE_EVERY_S)
+        return;
+    a->last_pruned = now;
+    uint64_t removed = 0;
+    kms_result r = kms_audit_retention_run(k, &removed);
+    if (!kms_is_ok(r))
+        fprintf(stderr, "kmsd: audit: retention pruning failed: %s (%s)\n", kms_error_code(r.err),
+                kms_error_detail());
+}
+
+static void *audit_committer(void *argp)
+{
+    kms *k = argp;
+    struct kms_audit *a = k->audit;
+    audit_batch b = {0};
+    kms_buf_init(&b.scratch, 2 * KMS_AUDIT_RECORD_MAX_BYTES);
+    pthread_mutex_lock(&a->mu);
+    for (;;) {
+        while (a->head == NULL && !a->stopping) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += AUDIT_PROBE_EVERY_MS * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            int rc = pthread_cond_timedwait(&a->work, &a->mu, &ts);
+            if (rc == ETIMEDOUT) {
+                bool failed = a->failed;
+                pthread_mutex_unlock(&a->mu);
+                if (failed) {
+                    /* Recovery: a small write that succeeds means the store
+                     * takes writes again (space freed, map grown). */
+                    kms_result pr = kms_store_write(k->store, audit_probe_write, NULL);
+                    pthread_mutex_lock(&a->mu);
+                    if (kms_is_ok(pr))
+                        a->failed = false;
+                } else {
+                    audit_maybe_sign(k, 0);
+                    audit_maybe_prune(k);
+                    pthread_mutex_lock(&a->mu);
+                }
+            }
+        }
+        if (a->head == NULL && a->stopping)
+            break;
+        /* Take up to AUDIT_BATCH_MAX waiters. */
+        audit_waiter *first = a->head, *last = first;
+        size_t count = 1;
+        while (last->next != NULL && count < AUDIT_BATCH_MAX) {
+            last = last->next;
+            count++;
+        }
+        a->head = last->next;
+        if (a->head == NULL)
+            a->tail = NULL;
+        last->next = NULL;
+        pthread_mutex_unlock(&a->mu);
+
+        b.list = first;
+        b.count = count;
+        kms_result r = kms_store_write(k->store, audit_batch_write, &b);
+        if (!kms_is_ok(r)) {
+            fprintf(stderr, "kmsd: audit: writing %zu record(s) failed: %s (%s)\n", count,
+                    kms_error_code(r.err), kms_error_detail());
+            r = kms_error_raisef(KMS_ERR_AUDIT_UNAVAILABLE, __FILE__, __LINE__,
+                                 "audit write failed: %s", kms_error_code(r.err));
+        }
+
+        pthread_mutex_lock(&a->mu);
+        a->failed = !kms_is_ok(r);
+        for (audit_waiter *w = first; w != NULL;) {
+            audit_waiter *next = w->next;
+            w->res = r;
+            w->done = true;
+            w = next;
+        }
+        pthread_cond_broadcast(&a->done);
+        pthread_mutex_unlock(&a->mu);
+        if (kms_is_ok(r))
+            audit_maybe_sign(k, count);
+        pthread_mutex_lock(&a->mu);
+    }
+    pthread_mutex_unlock(&a->mu);
+    kms_buf_free(&b.scratch);
+    return NULL;
+}
+
+static void audit_copy(char *dst, size_t cap, const char *src)
+{
+    if (src == NULL) {
+        dst[0] = 0;
+        return;
+    }
+    size_t n = strnlen(src, cap - 1);
+    memmove(dst, src, n);
+    dst[n] = 0;
+}
+
+KMS_RESULT kms_audit_append(kms *k, kms_audit_record *r)
+{
+    KMS_ENSURE(k != NULL && r != NULL, KMS_ERR_INVALID_ARGUMENT);
+    struct kms_audit *a = k->audit;
+    KMS_ENSURE_MSG(a != NULL, KMS_ERR_AUDIT_UNAVAILABLE, "audit not started");
+    if (!a->cfg.enabled)
+        return KMS_OK_RESULT;
+    /* Terminate every field where its array ends (callers fill them with
+     * strncpy-like copies; a missing NUL must not run into the next). */
+    audit_copy(r->identity, sizeof(r->identity), r->identity);
+    audit_copy(r->source, sizeof(r->source), r->source);
+    audit_copy(r->request_id, sizeof(r->request_id), r->request_id);
+    audit_copy(r->operation, sizeof(r->operation), r->operation);
+    audit_copy(r->key, sizeof(r->key), r->key);
+    audit_copy(r->result, sizeof(r->result), r->result);
+    if (r->time == 0)
+        r->time = kms_now(k);
+    audit_waiter w = {.rec = r};
+    pthread_mutex_lock(&a->mu);
+    if (a->stopping) {
+        pthread_mutex_unlock(&a->mu);
+        KMS_BAIL_MSG(KMS_ERR_AUDIT_UNAVAILABLE, "audit stopping");
+    }
+    if (a->tail != NULL)
+        a->tail->next = &w;
+    else
+        a->head = &w;
+    a->tail = &w;
+    pthread_cond_signal(&a->work);
+    while (!w.done)
+        pthread_cond_wait(&a->done, &a->mu);
+    pthread_mutex_unlock(&a->mu);
+    if (!kms_is_ok(w.res))
+        return kms_error_raisef(KMS_ERR_AUDIT_UNAVAILABLE, __FILE__, __LINE__,
+                                "the audit record could not be written");
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_audit_ready(kms *k)
+{
+    struct kms_audit *a = k->audit;
+    KMS_ENSURE_MSG(a != NULL, KMS_ERR_AUDIT_UNAVAILABLE, "audit not started");
+    if (!a->cfg.enabled)
+        return KMS_OK_RESULT;
+    pthread_mutex_lock(&a->mu);
+    bool bad = a->failed || a->stopping;
+    pthread_mutex_unlock(&a->mu);
+    KMS_ENSURE_MSG(!bad, KMS_ERR_AUDIT_UNAVAILABLE, "the audit log cannot be written");
+    return KMS_OK_RESULT;
+}
+
+bool kms_audit_enabled(kms *k)
+{
+    return k->audit != NULL && k->audit->cfg.enabled;
+}
+
+KMS_RESULT kms_audit_start(kms *k, const kms_audit_config *cfg)
+{
+    KMS_ENSURE(k != NULL && cfg != NULL && k->audit == NULL, KMS_ERR_INVALID_ARGUMENT);
+    KMS_ENSURE(cfg->sign_every_s >= 0 && cfg->retention_s >= 0, KMS_ERR_CONFIG);
+    struct kms_audit *a = calloc(1, sizeof(*a));
+    KMS_ENSURE(a != NULL, KMS_ERR_NO_MEMORY);
+    a->cfg = *cfg;
+    if (a->cfg.sign_every_records == 0)
+        a->cfg.sign_every_records = AUDIT_SIGN_EVERY_N;
+    if (a->cfg.sign_every_s == 0)
+        a->cfg.sign_every_s = AUDIT_SIGN_EVERY_S;
+    if (cfg->enabled) {
+        kms_result r = audit_sigkey_setup(k, a->sigkey);
+        if (!kms_is_ok(r)) {
+            free(a);
+            return r;
+        }
+    }
+    pthread_mutex_init(&a->mu, NULL);
+    pthread_mutex_init(&a->sign_mu, NULL);
+    pthread_cond_init(&a->work, NULL);
+    pthread_cond_init(&a->done, NULL);
+    a->last_signed = kms_now(k);
+    /* The first pruning a minute after start, then hourly. */
+    a->last_pruned = a->last_signed - AUDIT_PRUNE_EVERY_S + 60;
+    k->audit = a;
+    if (cfg->enabled) {
+        if (pthread_create(&a->thread, NULL, audit_committer, k) != 0) {
+            kms_audit_stop(k);
+            KMS_BAIL_MSG(KMS_ERR_INTERNAL, "audit committer thread: %s", strerror(errno));
+        }
+        a->thread_started = true;
+    }
+    return KMS_OK_RESULT;
+}
+
+void kms_audit_stop(kms *k)
+{
+    if (k == NULL || k->audit == NULL)
+        return;
+    struct kms_audit *a = k->audit;
+    pthread_mutex_lock(&a->mu);
+    a->stopping = true;
+    pthread_cond_signal(&a->work);
+    pthread_mutex_unlock(&a->mu);
+    if (a->thread_started)
+        pthread_join(a->thread, NULL);
+    /* A last signed head, so that a clean shutdown leaves the whole chain
+     * covered by a signature. */
+    if (a->cfg.enabled && a->unsigned_records > 0) {
+        kms_result r = kms_audit_head_sign(k, NULL);
+        (void)r;
+    }
+    pthread_cond_destroy(&a->work);
+    pthread_cond_destroy(&a->done);
+    pthread_mutex_destroy(&a->sign_mu);
+    pthread_mutex_destroy(&a->mu);
+    k->audit = NULL;
+    free(a);
+}
+
+/* ---- reading ---- */
+
+typedef struct {
+    const kms_audit_filter *f;
+    size_t limit;
+    kms_audit_record *v;
+    size_t n;
+} audit_query_arg;
+
+static bool audit_match(const kms_audit_filter *f, const kms_audit_record *r)
+{
+    if (f->from != 0 && r->time < f->from)
+        return false;
+    if (f->to != 0 && r->time > f->to)
+        return false;
+    if (f->identity != NULL && strcmp(f->identity, r->identity) != 0)
+        return false;
+    if (f->key != NULL && strcmp(f->key, r->key) != 0)
+        return false;
+    if (f->operation != NULL && strcmp(f->operation, r->operation) != 0)
+        return false;
+    if (f->version != 0 && f->version != r->version && f->version != r->to_version)
+        return false;
+    return true;
+}
+
+static kms_result audit_query_visit(const uint8_t *key, size_t klen, const uint8_t *val,
+                                    size_t vlen, void *argp, bool *stop)
+{
+    audit_query_arg *a = argp;
+    KMS_ENSURE_MSG(klen == 8 && vlen > KMS_AUDIT_HASH_BYTES, KMS_ERR_STORE_CORRUPT,
+                   "audit record malformed");
+    kms_audit_record *r = &a->v[a->n];
+    KMS_GUARD(kms_audit_record_parse(val + KMS_AUDIT_HASH_BYTES, vlen - KMS_AUDIT_HASH_BYTES, r));
+    KMS_ENSURE_MSG(r->seq == audit_rd_be64(key), KMS_ERR_STORE_CORRUPT,
+                   "audit record seq mismatch");
+    if (!audit_match(a->f, r))
+        return KMS_OK_RESULT;
+    memcpy(r->hash, val, KMS_AUDIT_HASH_BYTES);
+    if (++a->n == a->limit)
+        *stop = true;
+    return KMS_OK_RESULT;
+}
+
+static kms_result audit_query_read(kms_txn *t, void *argp)
+{
+    audit_query_arg *a = argp;
+    a->n = 0;
+    uint8_t start[8];
+    audit_be64(a->f->after_seq == UINT64_MAX ? UINT64_MAX : a->f->after_seq + 1, start);
+    return kms_txn_scan(t, KMS_DB_AUDIT, start, sizeof(start), NULL, 0, audit_query_visit, a);
+}
+
+KMS_RESULT kms_audit_query(kms *k, const kms_audit_filter *f, kms_audit_record **out, size_t *n)
+{
+    KMS_ENSURE(k != NULL && f != NULL && out != NULL && n != NULL, KMS_ERR_INVALID_ARGUMENT);
+    *out = NULL;
+    *n = 0;
+    size_t limit = f->limit == 0 ? KMS_AUDIT_QUERY_DEFAULT : f->limit;
+    if (limit > KMS_AUDIT_QUERY_MAX)
+        limit = KMS_AUDIT_QUERY_MAX;
+    if (f->after_seq == UINT64_MAX)
+        return KMS_OK_RESULT;
+    /* One slot more than the limit: the visitor parses into v[n] before it
+     * knows whether the record matches. */
+    audit_query_arg a = {.f = f, .limit = limit};
+    a.v = calloc(limit + 1, sizeof(*a.v));
+    KMS_ENSURE(a.v != NULL, KMS_ERR_NO_MEMORY);
+    kms_result r = kms_store_read(k->store, audit_query_read, &a);
+    if (!kms_is_ok(r) || a.n == 0) {
+        free(a.v);
+        return r;
+    }
+    *out = a.v;
+    *n = a.n;
+    return KMS_OK_RESULT;
+}
+
+typedef struct {
+    uint64_t after, last;
+    kms_audit_raw_fn fn;
+    void *arg;
+} audit_raw_arg;
+
+static kms_result audit_raw_visit(const uint8_t *key, size_t klen, const uint8_t *val, size_t vlen,
+                                  void *argp, bool *stop)
+{
+    audit_raw_arg *a = argp;
+    KMS_ENSURE_MSG(klen == 8 && vlen > KMS_AUDIT_HASH_BYTES, KMS_ERR_STORE_CORRUPT,
+                   "audit record malformed");
+    uint64_t seq = audit_rd_be64(key);
+    if (a->last != 0 && seq > a->last) {
+        *stop = true;
+        return KMS_OK_RESULT;
+    }
+    return a->fn(seq, val + KMS_AUDIT_HASH_BYTES, vlen - KMS_AUDIT_HASH_BYTES, val, a->arg, stop);
+}
+
+static kms_result audit_raw_read(kms_txn *t, void *argp)
+{
+    audit_raw_arg *a = argp;
+    uint8_t start[8];
+    audit_be64(a->after + 1, start);
+    return kms_txn_scan(t, KMS_DB_AUDIT, start, sizeof(start), NULL, 0, audit_raw_visit, a);
+}
+
+KMS_RESULT kms_audit_scan_raw(kms *k, uint64_t after_seq, uint64_t last_seq, kms_audit_raw_fn fn,
+                              void *arg)
+{
+    KMS_ENSURE(k != NULL && fn != NULL, KMS_ERR_INVALID_ARGUMENT);
+    if (after_seq == UINT64_MAX)
+        return KMS_OK_RESULT;
+    audit_raw_arg a = {.after = after_seq, .last = last_seq, .fn = fn, .arg = arg};
+    return kms_store_read(k->store, audit_raw_read, &a);
+}
+
+/* ---- retention ---- */
+
+typedef struct {
+    int64_t before;
+    uint64_t first;                     /* first stored seq */
+    uint64_t cut;                       /* last seq to remove; 0 = none */
+    uint8_t hash[KMS_AUDIT_HASH_BYTES]; /* hash_cut */
+    size_t seen;
+} audit_cut_arg;
+
+static kms_result audit_cut_visit(const uint8_t *key, size_t klen, const uint8_t *val, size_t vlen,
+                                  void *argp, bool *stop)
+{
+    audit_cut_arg *a = argp;
+    KMS_ENSURE_MSG(klen == 8 && vlen > KMS_AUDIT_HASH_BYTES, KMS_ERR_STORE_CORRUPT,
+                   "audit record malformed");
+    kms_audit_record r;
+    KMS_GUARD(kms_audit_record_parse(val + KMS_AUDIT_HASH_BYTES, vlen - KMS_AUDIT_HASH_BYTES, &r));
+    /* Only a prefix of the chain is pruned: the first record young enough
+     * ends the cut, whatever follows it. */
+    if (r.time >= a->before || a->seen == AUDIT_PRUNE_BATCH) {
+        *stop = true;
+        return KMS_OK_RESULT;
+    }
+    if (a->seen == 0)
+        a->first = audit_rd_be64(key);
+    a->seen++;
+    a->cut = audit_rd_be64(key);
+    memcpy(a->hash, val, KMS_AUDIT_HASH_BYTES);
+    return KMS_OK_RESULT;
+}
+
+static kms_result audit_cut_find(kms_txn *t, void *argp)
+{
+    audit_cut_arg *a = argp;
+    a->cut = 0;
+    a->seen = 0;
+    return kms_txn_scan(t, KMS_DB_AUDIT, NULL, 0, NULL, 0, audit_cut_visit, a);
+}
+
+typedef struct {
+    uint64_t first, cut;
+    const kms_audit_signed *anchor;
+} audit_prune_arg;
+
+static kms_result audit_prune_write(kms_txn *t, void *argp)
+{
+    audit_prune_arg *a = argp;
+    /* The anchor and the removal commit together: a crash leaves either the
+     * old start with the old anchor, or the new start with the new one. */
+    uint8_t v[AUDIT_HEAD_VALUE_BYTES];
+    size_t vlen;
+    audit_signed_encode(a->anchor, v, &vlen);
+    KMS_GUARD(kms_txn_put(t, KMS_DB_META, audit_key_anchor, sizeof(audit_key_anchor) - 1, v, vlen,
+                          false));
+    for (uint64_t s = a->first; s <= a->cut; s++) {
+        uint8_t key[8];
+        audit_be64(s, key);
+        KMS_GUARD(kms_txn_del(t, KMS_DB_AUDIT, key, sizeof(key)));
+    }
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_audit_prune(kms *k, int64_t before, uint64_t *removed)
+{
+    KMS_ENSURE(k != NULL, KMS_ERR_INVALID_ARGUMENT);
+    KMS_ENSURE_MSG(k->audit != NULL && k->audit->cfg.enabled, KMS_ERR_AUDIT_UNAVAILABLE,
+                   "audit not started");
+    if (removed != NULL)
+        *removed = 0;
+    struct kms_audit *a = k->audit;
+    pthread_mutex_lock(&a->sign_mu);
+    kms_result r = KMS_OK_RESULT;
+    for (;;) {
+        audit_cut_arg c = {.before = before};
+        r = kms_store_read(k->store, audit_cut_find, &c);
+        if (!kms_is_ok(r) || c.cut == 0)
+            break;
+        kms_audit_signed anchor = {.seq = c.cut};
+        memcpy(anchor.hash, c.hash, KMS_AUDIT_HASH_BYTES);
+        r = audit_position_sign(k, &anchor);
+        if (!kms_is_ok(r))
+            break;
+        audit_prune_arg p = {.first = c.first, .cut = c.cut, .anchor = &anchor};
+        r = kms_store_write(k->store, audit_prune_write, &p);
+        if (!kms_is_ok(r))
+            break;
+        if (removed != NULL)
+            *removed += c.cut - c.first + 1;
+        if (c.seen < AUDIT_PRUNE_BATCH)
+            break;
+    }
+    pthread_mutex_unlock(&a->sign_mu);
+    return r;
+}
+
+KMS_RESULT kms_audit_retention_run(kms *k, uint64_t *removed)
+{
+    if (removed != NULL)
+        *removed = 0;
+    KMS_ENSURE(k != NULL && k->audit != NULL, KMS_ERR_AUDIT_UNAVAILABLE);
+    if (k->audit->cfg.retention_s == 0)
+        return KMS_OK_RESULT;
+    return kms_audit_prune(k, kms_now(k) - k->audit->cfg.retention_s, removed);
+}
