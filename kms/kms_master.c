@@ -25,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define KMS_MASTER_BATCH      256
 #define KMS_MASTER_PASSES_MAX 64
@@ -296,9 +297,10 @@ static kms_result kms_rw_write_txn(kms_txn *t, void *arg)
     return KMS_OK_RESULT;
 }
 
-/* One pass over every version; returns how many it moved. */
+/* One pass over every version; returns how many it moved, and how many it
+ * could not rewrap because their master is no longer on the token. */
 static kms_result kms_rw_pass(kms *k, uint32_t target, const uint8_t target_id[KMS_HSM_ID_BYTES],
-                              uint64_t *moved)
+                              uint64_t *moved, uint64_t *missing)
 {
     kms_rw_batch *b = calloc(1, sizeof(*b));
     KMS_ENSURE(b != NULL, KMS_ERR_NO_MEMORY);
@@ -309,6 +311,7 @@ static kms_result kms_rw_pass(kms *k, uint32_t target, const uint8_t target_id[K
     }
     b->target = target;
     *moved = 0;
+    *missing = 0;
     kms_result r = KMS_OK_RESULT;
     kms_buf w KMS_DEFER(kms_buf_cleanup) = {0};
     kms_buf_init(&w, KMS_HSM_WRAPPED_MAX_BYTES);
@@ -329,7 +332,19 @@ static kms_result kms_rw_pass(kms *k, uint32_t target, const uint8_t target_id[K
             /* Inside the HSM: unwrap under the old master, wrap under the
              * new; the secret never leaves it. */
             kms_buf_reset(&w);
-            KMS_GUARD_GOTO(r, kms_hsm_secret_rewrap(k->hsm, &ref, target_id, &w), out);
+            r = kms_hsm_secret_rewrap(k->hsm, &ref, target_id, &w);
+            if (r.err == KMS_ERR_HSM_OBJECT_MISSING) {
+                /* Another process running this same rotation moved the
+                 * version and destroyed its old master after this batch was
+                 * read. Leave it: the write below skips rows that changed,
+                 * and the final transaction counts, inside the
+                 * transaction, what is really left. */
+                it->blob_len = 0;
+                (*missing)++;
+                r = KMS_OK_RESULT;
+                continue;
+            }
+            KMS_GUARD_GOTO(r, r, out);
             if (w.len == 0 || w.len > KMS_HSM_WRAPPED_MAX_BYTES) {
                 r = kms_error_raise(KMS_ERR_HSM_FAILED, __FILE__, __LINE__);
                 goto out;
@@ -339,7 +354,8 @@ static kms_result kms_rw_pass(kms *k, uint32_t target, const uint8_t target_id[K
         }
         if (b->n > 0) {
             KMS_GUARD_GOTO(r, kms_write(k, kms_rw_write_txn, b, true), out);
-            *moved += b->n;
+            for (size_t i = 0; i < b->n; i++)
+                *moved += b->items[i].blob_len > 0;
         }
         for (size_t i = 0; i < b->n; i++)
             kms_secmem_wipe(&b->items[i], sizeof(b->items[i]));
@@ -448,9 +464,9 @@ static kms_result kms_master_finish(kms *k, uint32_t target, kms_rec_rotation *r
 {
     uint8_t target_id[KMS_HSM_ID_BYTES];
     KMS_ENSURE(kms_master_id(k, target, target_id), KMS_ERR_INTERNAL);
+    uint64_t moved = 0, missing = 0, left = 0;
     for (int pass = 0; pass < KMS_MASTER_PASSES_MAX; pass++) {
-        uint64_t moved = 0;
-        KMS_GUARD(kms_rw_pass(k, target, target_id, &moved));
+        KMS_GUARD(kms_rw_pass(k, target, target_id, &moved, &missing));
         kms_mfinal_tx x = {.target = target, .rot = rot, .now = kms_now(k)};
         KMS_GUARD(kms_write(k, kms_mfinal_txn, &x, true));
         if (x.left == 0) {
@@ -458,7 +474,19 @@ static kms_result kms_master_finish(kms *k, uint32_t target, kms_rec_rotation *r
             (void)kms_master_destroy_retired(k);
             return KMS_OK_RESULT;
         }
+        left = x.left;
+        /* Nothing moved: what is left is being moved by another process
+         * (or is unreadable). Give it a moment rather than spin. */
+        if (moved == 0) {
+            struct timespec pause = {0, 20 * 1000 * 1000};
+            nanosleep(&pause, NULL);
+        }
     }
+    if (missing > 0)
+        KMS_BAIL_MSG(KMS_ERR_HSM_OBJECT_MISSING,
+                     "%llu versions are wrapped under a master key missing from the token; run "
+                     "the check",
+                     (unsigned long long)left);
     KMS_BAIL_MSG(KMS_ERR_STORE_BUSY, "versions kept appearing under the old master");
 }
 
@@ -515,7 +543,8 @@ KMS_RESULT kms_master_resume(kms *k, bool *resumed)
     uint8_t id[KMS_HSM_ID_BYTES];
     KMS_ENSURE(kms_master_id(k, pend, id), KMS_ERR_INTERNAL);
     bool exists = false;
-    KMS_GUARD(kms_hsm_master_exists(k->hsm, id, &exists));
+    /* Recorded pending, possibly by another process a moment ago. */
+    KMS_GUARD(kms_hsm_master_await(k->hsm, id, &exists));
     if (!exists)
         return KMS_OK_RESULT; /* kms_check reports it (and drops it on repair) */
     kms_mrot_find f = {.to = pend};
@@ -543,28 +572,40 @@ static kms_result kms_mstart_txn(kms_txn *t, void *arg)
     return kms_rotation_put(t, x->rot);
 }
 
+/* A pending master exists (interrupted, or being rotated to by another
+ * process right now): finishing it is this call's job. */
+static kms_result kms_master_join(kms *k, uint32_t pend, kms_rotation_info *out)
+{
+    bool resumed = false;
+    KMS_GUARD(kms_master_resume(k, &resumed));
+    if (!resumed) {
+        /* Either the process that started it finished it meanwhile (then
+         * `pend` is current now), or its object is missing from the token. */
+        uint32_t still = 0, cur = 0;
+        KMS_GUARD(kms_masters_refresh(k));
+        bool pending = kms_master_pending(k, &still, &cur);
+        KMS_ENSURE_MSG(!pending && cur >= pend, KMS_ERR_HSM_OBJECT_MISSING,
+                       "pending master %u is missing from the token: run the check with repair",
+                       pend);
+    }
+    kms_rotation_filter f = {.type = KMS_ROTATION_MASTER, .limit = 0};
+    kms_rotation_info *all = NULL;
+    size_t n = 0;
+    KMS_GUARD(kms_rotations_list(k, &f, &all, &n));
+    for (size_t i = 0; out != NULL && i < n; i++)
+        if (all[i].to_version == pend && all[i].status == KMS_ROTATION_SUCCEEDED)
+            *out = all[i];
+    free(all);
+    return KMS_OK_RESULT;
+}
+
 static kms_result kms_master_rotate_locked(kms *k, const kms_caller *c, const char *reason,
                                            kms_rotation_info *out)
 {
     KMS_GUARD(kms_masters_refresh(k));
     uint32_t pend = 0, cur = 0;
-    if (kms_master_pending(k, &pend, &cur)) {
-        /* An interrupted rotation: finish it (that is this call's job). */
-        bool resumed = false;
-        KMS_GUARD(kms_master_resume(k, &resumed));
-        KMS_ENSURE_MSG(resumed, KMS_ERR_HSM_OBJECT_MISSING,
-                       "pending master %u is missing from the token: run the check with repair",
-                       pend);
-        kms_rotation_filter f = {.type = KMS_ROTATION_MASTER, .limit = 0};
-        kms_rotation_info *all = NULL;
-        size_t n = 0;
-        KMS_GUARD(kms_rotations_list(k, &f, &all, &n));
-        for (size_t i = 0; out != NULL && i < n; i++)
-            if (all[i].to_version == pend)
-                *out = all[i];
-        free(all);
-        return KMS_OK_RESULT;
-    }
+    if (kms_master_pending(k, &pend, &cur))
+        return kms_master_join(k, pend, out);
     uint32_t max = 0;
     pthread_rwlock_rdlock(&k->cache_lock);
     for (size_t i = 0; i < k->nmasters; i++)
@@ -590,7 +631,16 @@ static kms_result kms_master_rotate_locked(kms *k, const kms_caller *c, const ch
         /* Nothing names the new object: remove it now (or kms_check will). */
         kms_result d = kms_hsm_master_destroy(k->hsm, x.m.id);
         (void)d;
-        return r;
+        if (r.err != KMS_ERR_KEY_EXISTS)
+            return r;
+        /* Another process started a rotation to the same master version
+         * first: join it instead. Our record of the attempt says failed. */
+        if (!kms_is_ok(kms_rotation_finish(k, &rot, KMS_ROTATION_FAILED)))
+            fprintf(stderr, "kms: warning: master rotation %s could not be marked failed\n",
+                    rot.info.id);
+        KMS_GUARD(kms_masters_refresh(k));
+        KMS_ENSURE(kms_master_pending(k, &pend, &cur), KMS_ERR_CONFLICT);
+        return kms_master_join(k, pend, out);
     }
     KMS_GUARD(kms_masters_refresh(k));
     KMS_GUARD(kms_master_finish(k, max + 1, &rot));

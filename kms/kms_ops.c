@@ -81,6 +81,15 @@ static kms_result kms_read_check(kms *k, const kms_caller *c, const char *name, 
     return KMS_OK_RESULT;
 }
 
+/* A version's blob, as this operation read it from the cache, can name a
+ * master that a master rotation in another process has just destroyed
+ * (after rewrapping the blob and bumping the cache generation). Resolving
+ * the version again reloads it; the caller then retries once. */
+static bool kms_use_reresolved(kms *k, const char *name, kms_result r, kms_use *u)
+{
+    return r.err == KMS_ERR_HSM_OBJECT_MISSING && kms_is_ok(kms_cache_use(k, name, u->version, u));
+}
+
 /* Encrypts pt under the primary version u and appends the binary token. */
 static kms_result kms_seal(kms *k, const char *name, kms_use *u, const uint8_t *pt, size_t pt_len,
                            const uint8_t *ctx, size_t ctx_len, kms_buf *out)
@@ -106,6 +115,9 @@ static kms_result kms_seal(kms *k, const char *name, kms_use *u, const uint8_t *
         if (kms_is_ok(r))
             r = kms_rand_bytes(p, KMS_TOKEN_NONCE_BYTES);
         if (kms_is_ok(r))
+            r = kms_hsm_aead_encrypt(k->hsm, &u->ref, p, aad, hlen + ctx_len, pt, pt_len,
+                                     p + KMS_TOKEN_NONCE_BYTES);
+        if (kms_use_reresolved(k, name, r, u))
             r = kms_hsm_aead_encrypt(k->hsm, &u->ref, p, aad, hlen + ctx_len, pt, pt_len,
                                      p + KMS_TOKEN_NONCE_BYTES);
     }
@@ -140,6 +152,9 @@ static kms_result kms_unseal(kms *k, const kms_caller *c, const char *name, cons
     /* The ciphertext and tag are contiguous in the token. */
     kms_result r = kms_hsm_aead_decrypt(k->hsm, &u->ref, t->nonce, aad, t->header_len + ctx_len,
                                         t->ciphertext, t->ciphertext_len + KMS_TOKEN_TAG_BYTES, p);
+    if (kms_use_reresolved(k, name, r, u))
+        r = kms_hsm_aead_decrypt(k->hsm, &u->ref, t->nonce, aad, t->header_len + ctx_len,
+                                 t->ciphertext, t->ciphertext_len + KMS_TOKEN_TAG_BYTES, p);
     if (!kms_is_ok(r)) {
         kms_buf_truncate(pt_out, start);
         return r;
@@ -288,12 +303,15 @@ KMS_RESULT kms_rewrap(kms *k, const kms_caller *c, const char *name, const uint8
     return KMS_OK_RESULT;
 }
 
-static kms_result kms_mac_compute(kms *k, kms_use *u, const uint8_t *header, size_t header_len,
-                                  const uint8_t *msg, size_t msg_len,
+static kms_result kms_mac_compute(kms *k, const char *name, kms_use *u, const uint8_t *header,
+                                  size_t header_len, const uint8_t *msg, size_t msg_len,
                                   uint8_t out[KMS_HSM_MAC_BYTES])
 {
     kms_iov parts[2] = {{header, header_len}, {msg, msg_len}};
-    KMS_GUARD(kms_hsm_mac_sign(k->hsm, &u->ref, parts, 2, out));
+    kms_result r = kms_hsm_mac_sign(k->hsm, &u->ref, parts, 2, out);
+    if (kms_use_reresolved(k, name, r, u))
+        r = kms_hsm_mac_sign(k->hsm, &u->ref, parts, 2, out);
+    KMS_GUARD(r);
     int64_t now = kms_now(k);
     if (atomic_load_explicit(&u->ver->last_used, memory_order_relaxed) < now)
         atomic_store_explicit(&u->ver->last_used, now, memory_order_relaxed);
@@ -319,7 +337,7 @@ KMS_RESULT kms_mac(kms *k, const kms_caller *c, const char *name, const uint8_t 
         memcpy(header, mac_out->data + start, hlen);
         r = kms_buf_extend(mac_out, KMS_HSM_MAC_BYTES, &p);
         if (kms_is_ok(r))
-            r = kms_mac_compute(k, &u, header, hlen, msg, msg_len, p);
+            r = kms_mac_compute(k, name, &u, header, hlen, msg, msg_len, p);
     }
     if (!kms_is_ok(r)) {
         kms_buf_truncate(mac_out, start);
@@ -349,7 +367,7 @@ KMS_RESULT kms_verify(kms *k, const kms_caller *c, const char *name, const uint8
     KMS_GUARD(kms_cache_use(k, name, t.key_version, &u));
     KMS_GUARD(kms_read_check(k, c, name, &u, false));
     uint8_t expect[KMS_HSM_MAC_BYTES];
-    KMS_GUARD(kms_mac_compute(k, &u, t.header, t.header_len, msg, msg_len, expect));
+    KMS_GUARD(kms_mac_compute(k, name, &u, t.header, t.header_len, msg, msg_len, expect));
     /* A wrong MAC is an answer, not an error; compared in constant time. */
     *valid = kms_ct_equal(expect, t.tag, KMS_HSM_MAC_BYTES);
     kms_secmem_wipe(expect, sizeof(expect));
