@@ -113,7 +113,7 @@ static kms_result kms_seal(kms *k, const char *name, kms_use *u, const uint8_t *
         /* NIST SP 800-38D 8.2.2: a random 96-bit IV per invocation; the
          * invocation count is bounded by the counter taken above. */
         if (kms_is_ok(r))
-            r = kms_rand_bytes(p, KMS_TOKEN_NONCE_BYTES);
+            r = kms_rand_nonce(p, KMS_TOKEN_NONCE_BYTES);
         if (kms_is_ok(r))
             r = kms_hsm_aead_encrypt(k->hsm, &u->ref, p, aad, hlen + ctx_len, pt, pt_len,
                                      p + KMS_TOKEN_NONCE_BYTES);
