@@ -833,6 +833,18 @@ typedef struct {
     kms_rec_key key;
 } kms_key_read_tx;
 
+/* The key record of `name`, inside a transaction; KMS_ERR_KEY_NOT_FOUND if
+ * there is none. */
+static kms_result kms_txn_key_load(kms_txn *t, const char *name, kms_rec_key *out)
+{
+    const uint8_t *v;
+    size_t vlen;
+    bool found;
+    KMS_GUARD(kms_txn_get(t, KMS_DB_KEYS, name, strlen(name), &v, &vlen, &found));
+    KMS_ENSURE(found, KMS_ERR_KEY_NOT_FOUND);
+    return kms_rec_key_decode(v, vlen, out);
+}
+
 static kms_result kms_key_read_txn(kms_txn *t, void *arg)
 {
     kms_key_read_tx *x = arg;
@@ -1254,9 +1266,7 @@ static kms_result kms_state_txn(kms_txn *t, void *arg)
     const uint8_t *v;
     size_t vlen;
     bool found;
-    KMS_GUARD(kms_txn_get(t, KMS_DB_KEYS, x->name, strlen(x->name), &v, &vlen, &found));
-    KMS_ENSURE(found, KMS_ERR_KEY_NOT_FOUND);
-    KMS_GUARD(kms_rec_key_decode(v, vlen, &x->key));
+    KMS_GUARD(kms_txn_key_load(t, x->name, &x->key));
     uint8_t key[KMS_VERSION_KEY_MAX_BYTES];
     size_t klen = kms_rec_version_key(x->name, x->version, key);
     KMS_GUARD(kms_txn_get(t, KMS_DB_VERSIONS, key, klen, &v, &vlen, &found));
@@ -1310,12 +1320,7 @@ typedef struct {
 static kms_result kms_policy_txn(kms_txn *t, void *arg)
 {
     kms_policy_tx *x = arg;
-    const uint8_t *v;
-    size_t vlen;
-    bool found;
-    KMS_GUARD(kms_txn_get(t, KMS_DB_KEYS, x->name, strlen(x->name), &v, &vlen, &found));
-    KMS_ENSURE(found, KMS_ERR_KEY_NOT_FOUND);
-    KMS_GUARD(kms_rec_key_decode(v, vlen, &x->key));
+    KMS_GUARD(kms_txn_key_load(t, x->name, &x->key));
     const kms_key_update *u = x->u;
     if (u->rotation_period_s != 0)
         x->key.rotation_period_s = u->rotation_period_s;
@@ -1383,9 +1388,7 @@ static kms_result kms_rotate_txn(kms_txn *t, void *arg)
     x->stale_master = !live;
     if (!live)
         return KMS_OK_RESULT;
-    KMS_GUARD(kms_txn_get(t, KMS_DB_KEYS, x->name, strlen(x->name), &v, &vlen, &found));
-    KMS_ENSURE(found, KMS_ERR_KEY_NOT_FOUND);
-    KMS_GUARD(kms_rec_key_decode(v, vlen, &x->key));
+    KMS_GUARD(kms_txn_key_load(t, x->name, &x->key));
     if (x->if_due) {
         int64_t lead = kms_schedule_lead(x->name, x->jitter_window_s, x->key.warning_window_s);
         x->skipped = x->now < x->key.rotated_at + x->key.rotation_period_s - lead;
@@ -1566,9 +1569,7 @@ static kms_result kms_rollback_txn(kms_txn *t, void *arg)
     const uint8_t *v;
     size_t vlen;
     bool found;
-    KMS_GUARD(kms_txn_get(t, KMS_DB_KEYS, x->name, strlen(x->name), &v, &vlen, &found));
-    KMS_ENSURE(found, KMS_ERR_KEY_NOT_FOUND);
-    KMS_GUARD(kms_rec_key_decode(v, vlen, &x->key));
+    KMS_GUARD(kms_txn_key_load(t, x->name, &x->key));
     uint32_t from = x->key.primary_version;
     uint32_t floor = x->key.min_decryption_version > 1 ? x->key.min_decryption_version : 1;
     uint32_t to = 0;
