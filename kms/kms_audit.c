@@ -424,8 +424,11 @@ KMS_RESULT kms_audit_public_key_pem(kms *k, char **pem)
     char *data = NULL;
     long n = BIO_get_mem_data(bio, &data);
     KMS_ENSURE(n > 0, KMS_ERR_CRYPTO);
-    *pem = strndup(data, (size_t)n);
+    /* A memory BIO's bytes are not NUL-terminated: copy exactly n. */
+    *pem = malloc((size_t)n + 1);
     KMS_ENSURE(*pem != NULL, KMS_ERR_NO_MEMORY);
+    memcpy(*pem, data, (size_t)n);
+    (*pem)[n] = '\0';
     return KMS_OK_RESULT;
 }
 
