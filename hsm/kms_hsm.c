@@ -528,8 +528,8 @@ static void hsm_master_remember(kms_hsm *h, const uint8_t id[KMS_HSM_ID_BYTES],
 }
 
 /* C_FindObjectsInit/C_FindObjects/C_FindObjectsFinal, always finalised. */
-static KMS_RESULT hsm_find(kms_hsm *h, kms_hsm_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n,
-                           CK_OBJECT_HANDLE *out, CK_ULONG max, CK_ULONG *count)
+KMS_RESULT kms_hsm_find(kms_hsm *h, kms_hsm_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                        CK_OBJECT_HANDLE *out, CK_ULONG max, CK_ULONG *count)
 {
     HSM_CHECK(h, s, kms_p11_find_objects_init(&h->p11, s->h, tmpl, n), "C_FindObjectsInit");
     CK_RV rv = kms_p11_find_objects(&h->p11, s->h, out, max, count);
@@ -537,6 +537,38 @@ static KMS_RESULT hsm_find(kms_hsm *h, kms_hsm_session *s, CK_ATTRIBUTE *tmpl, C
     HSM_CHECK(h, s, rv, "C_FindObjects");
     HSM_CHECK(h, s, rv_final, "C_FindObjectsFinal");
     return KMS_OK_RESULT;
+}
+
+/* Calls fn for every object matching tmpl, searching in batches; the search
+ * is ended (C_FindObjectsFinal) on every path. fn may read attributes. */
+typedef kms_result (*hsm_each_fn)(kms_hsm *h, kms_hsm_session *s, CK_OBJECT_HANDLE o, void *arg);
+
+static KMS_RESULT hsm_find_each(kms_hsm *h, kms_hsm_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                                hsm_each_fn fn, void *arg)
+{
+    CK_RV rv = kms_p11_find_objects_init(&h->p11, s->h, tmpl, n);
+    if (rv != CKR_OK)
+        return kms_hsm_session_fail(h, s, rv, "C_FindObjectsInit", KMS_P11_CTX_ANY);
+    kms_result r = KMS_OK_RESULT;
+    for (;;) {
+        CK_OBJECT_HANDLE batch[64];
+        CK_ULONG got = 0;
+        rv = kms_p11_find_objects(&h->p11, s->h, batch, KMS_ARRAY_LEN(batch), &got);
+        if (rv != CKR_OK) {
+            r = kms_hsm_session_fail(h, s, rv, "C_FindObjects", KMS_P11_CTX_ANY);
+            break;
+        }
+        if (got == 0)
+            break;
+        for (CK_ULONG i = 0; i < got && kms_is_ok(r); i++)
+            r = fn(h, s, batch[i], arg);
+        if (!kms_is_ok(r))
+            break;
+    }
+    rv = kms_p11_find_objects_final(&h->p11, s->h);
+    if (rv != CKR_OK && kms_is_ok(r))
+        r = kms_hsm_session_fail(h, s, rv, "C_FindObjectsFinal", KMS_P11_CTX_ANY);
+    return r;
 }
 
 static KMS_RESULT hsm_master_search(kms_hsm *h, kms_hsm_session *s,
@@ -551,7 +583,7 @@ static KMS_RESULT hsm_master_search(kms_hsm *h, kms_hsm_session *s,
     };
     CK_OBJECT_HANDLE hs[2];
     CK_ULONG n = 0;
-    KMS_GUARD(hsm_find(h, s, tmpl, KMS_ARRAY_LEN(tmpl), hs, KMS_ARRAY_LEN(hs), &n));
+    KMS_GUARD(kms_hsm_find(h, s, tmpl, KMS_ARRAY_LEN(tmpl), hs, KMS_ARRAY_LEN(hs), &n));
     *found = n > 0;
     if (n > 0)
         *out = hs[0];
@@ -745,6 +777,36 @@ KMS_RESULT kms_hsm_master_destroy(kms_hsm *h, const uint8_t id[KMS_HSM_ID_BYTES]
     return r;
 }
 
+/* hsm_find_each callback of kms_hsm_master_list: gathers CKA_IDs. */
+typedef struct {
+    uint8_t (*ids)[KMS_HSM_ID_BYTES];
+    size_t n, cap;
+} hsm_id_list;
+
+static kms_result hsm_id_collect(kms_hsm *h, kms_hsm_session *s, CK_OBJECT_HANDLE o, void *arg)
+{
+    hsm_id_list *l = arg;
+    uint8_t id[KMS_HSM_ID_BYTES];
+    CK_ATTRIBUTE a = {CKA_ID, id, sizeof(id)};
+    CK_RV rv = kms_p11_get_attribute_value(&h->p11, s->h, o, &a, 1);
+    if (rv == CKR_BUFFER_TOO_SMALL || rv == CKR_ATTRIBUTE_TYPE_INVALID ||
+        (rv == CKR_OK && a.ulValueLen != KMS_HSM_ID_BYTES))
+        return KMS_OK_RESULT; /* not one of ours: another id length */
+    if (hsm_rv_handle_invalid(rv))
+        return KMS_OK_RESULT; /* destroyed since the search (another process) */
+    if (rv != CKR_OK)
+        return kms_hsm_session_fail(h, s, rv, "C_GetAttributeValue", KMS_P11_CTX_ANY);
+    if (l->n == l->cap) {
+        size_t ncap = l->cap == 0 ? 8 : l->cap * 2;
+        void *p = reallocarray(l->ids, ncap, sizeof(*l->ids));
+        KMS_ENSURE(p != NULL, KMS_ERR_NO_MEMORY);
+        l->ids = p;
+        l->cap = ncap;
+    }
+    memcpy(l->ids[l->n++], id, KMS_HSM_ID_BYTES);
+    return KMS_OK_RESULT;
+}
+
 static KMS_RESULT hsm_master_list_once(kms_hsm *h, uint8_t (**ids)[KMS_HSM_ID_BYTES], size_t *count)
 {
     static const char label[] = HSM_MASTER_LABEL;
@@ -755,63 +817,15 @@ static KMS_RESULT hsm_master_list_once(kms_hsm *h, uint8_t (**ids)[KMS_HSM_ID_BY
     };
     kms_hsm_session s;
     KMS_GUARD(hsm_enter(h, &s));
-    kms_result r = KMS_OK_RESULT;
-    uint8_t(*out)[KMS_HSM_ID_BYTES] = NULL;
-    size_t n_out = 0, cap = 0;
-    CK_RV rv = kms_p11_find_objects_init(&h->p11, s.h, tmpl, KMS_ARRAY_LEN(tmpl));
-    if (rv != CKR_OK) {
-        r = kms_hsm_session_fail(h, &s, rv, "C_FindObjectsInit", KMS_P11_CTX_ANY);
-        goto done;
-    }
-    for (;;) {
-        CK_OBJECT_HANDLE batch[32];
-        CK_ULONG got = 0;
-        rv = kms_p11_find_objects(&h->p11, s.h, batch, KMS_ARRAY_LEN(batch), &got);
-        if (rv != CKR_OK) {
-            r = kms_hsm_session_fail(h, &s, rv, "C_FindObjects", KMS_P11_CTX_ANY);
-            break;
-        }
-        if (got == 0)
-            break;
-        for (CK_ULONG i = 0; i < got; i++) {
-            uint8_t id[KMS_HSM_ID_BYTES];
-            CK_ATTRIBUTE a = {CKA_ID, id, sizeof(id)};
-            rv = kms_p11_get_attribute_value(&h->p11, s.h, batch[i], &a, 1);
-            if (rv == CKR_BUFFER_TOO_SMALL || rv == CKR_ATTRIBUTE_TYPE_INVALID ||
-                (rv == CKR_OK && a.ulValueLen != KMS_HSM_ID_BYTES))
-                continue; /* not one of ours: another id length */
-            if (hsm_rv_handle_invalid(rv))
-                continue; /* destroyed since the search (another process) */
-            if (rv != CKR_OK) {
-                r = kms_hsm_session_fail(h, &s, rv, "C_GetAttributeValue", KMS_P11_CTX_ANY);
-                break;
-            }
-            if (n_out == cap) {
-                size_t ncap = cap == 0 ? 8 : cap * 2;
-                void *p = reallocarray(out, ncap, sizeof(*out));
-                if (p == NULL) {
-                    r = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
-                    break;
-                }
-                out = p;
-                cap = ncap;
-            }
-            memcpy(out[n_out++], id, KMS_HSM_ID_BYTES);
-        }
-        if (!kms_is_ok(r))
-            break;
-    }
-    rv = kms_p11_find_objects_final(&h->p11, s.h);
-    if (rv != CKR_OK && kms_is_ok(r))
-        r = kms_hsm_session_fail(h, &s, rv, "C_FindObjectsFinal", KMS_P11_CTX_ANY);
-done:
+    hsm_id_list l = {0};
+    kms_result r = hsm_find_each(h, &s, tmpl, KMS_ARRAY_LEN(tmpl), hsm_id_collect, &l);
     hsm_leave(h, &s);
     if (!kms_is_ok(r)) {
-        free(out);
+        free(l.ids);
         return r;
     }
-    *ids = out;
-    *count = n_out;
+    *ids = l.ids;
+    *count = l.n;
     return KMS_OK_RESULT;
 }
 
@@ -1299,35 +1313,20 @@ void kms_hsm_close(kms_hsm *h)
     free(h);
 }
 
+static kms_result hsm_count_one(kms_hsm *h, kms_hsm_session *s, CK_OBJECT_HANDLE o, void *arg)
+{
+    (*(size_t *)arg)++;
+    return KMS_OK_RESULT;
+}
+
 static KMS_RESULT hsm_object_count_once(kms_hsm *h, size_t *count)
 {
     kms_hsm_session s;
     KMS_GUARD(hsm_enter(h, &s));
-    kms_result r = KMS_OK_RESULT;
     size_t total = 0;
     /* An empty template matches every object the session can see
      * (PKCS#11 v2.40 section 5.7, C_FindObjectsInit). */
-    CK_RV rv = kms_p11_find_objects_init(&h->p11, s.h, NULL, 0);
-    if (rv != CKR_OK) {
-        r = kms_hsm_session_fail(h, &s, rv, "C_FindObjectsInit", KMS_P11_CTX_ANY);
-        goto done;
-    }
-    for (;;) {
-        CK_OBJECT_HANDLE batch[64];
-        CK_ULONG got = 0;
-        rv = kms_p11_find_objects(&h->p11, s.h, batch, KMS_ARRAY_LEN(batch), &got);
-        if (rv != CKR_OK) {
-            r = kms_hsm_session_fail(h, &s, rv, "C_FindObjects", KMS_P11_CTX_ANY);
-            break;
-        }
-        if (got == 0)
-            break;
-        total += got;
-    }
-    rv = kms_p11_find_objects_final(&h->p11, s.h);
-    if (rv != CKR_OK && kms_is_ok(r))
-        r = kms_hsm_session_fail(h, &s, rv, "C_FindObjectsFinal", KMS_P11_CTX_ANY);
-done:
+    kms_result r = hsm_find_each(h, &s, NULL, 0, hsm_count_one, &total);
     hsm_leave(h, &s);
     if (kms_is_ok(r))
         *count = total;

@@ -71,6 +71,10 @@ kms_result kms_hsm_session_fail(kms_hsm *hsm, kms_hsm_session *s, CK_RV rv, cons
 /* Enters an operation: recovers a broken pool first, holds `life` shared
  * and one pool session until kms_hsm_leave (for kms_hsm_sign.c). */
 KMS_RESULT kms_hsm_enter(kms_hsm *hsm, kms_hsm_session *s);
+/* One C_FindObjects batch of at most max handles for tmpl, the search ended
+ * on every path; failures go through kms_hsm_session_fail. */
+KMS_RESULT kms_hsm_find(kms_hsm *hsm, kms_hsm_session *s, CK_ATTRIBUTE *tmpl, CK_ULONG n,
+                        CK_OBJECT_HANDLE *out, CK_ULONG max, CK_ULONG *count);
 void kms_hsm_leave(kms_hsm *hsm, kms_hsm_session *s);
 
 #endif /* KMS_HSM_INT_H */

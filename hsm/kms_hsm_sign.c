@@ -49,15 +49,7 @@ static KMS_RESULT sign_find(kms_hsm *h, kms_hsm_session *s, CK_OBJECT_CLASS cls,
     };
     CK_OBJECT_HANDLE hs[2];
     CK_ULONG n = 0;
-    CK_RV rv = kms_p11_find_objects_init(&h->p11, s->h, tmpl, KMS_ARRAY_LEN(tmpl));
-    if (rv != CKR_OK)
-        return kms_hsm_session_fail(h, s, rv, "C_FindObjectsInit", KMS_P11_CTX_ANY);
-    rv = kms_p11_find_objects(&h->p11, s->h, hs, KMS_ARRAY_LEN(hs), &n);
-    CK_RV rv_final = kms_p11_find_objects_final(&h->p11, s->h);
-    if (rv != CKR_OK)
-        return kms_hsm_session_fail(h, s, rv, "C_FindObjects", KMS_P11_CTX_ANY);
-    if (rv_final != CKR_OK)
-        return kms_hsm_session_fail(h, s, rv_final, "C_FindObjectsFinal", KMS_P11_CTX_ANY);
+    KMS_GUARD(kms_hsm_find(h, s, tmpl, KMS_ARRAY_LEN(tmpl), hs, KMS_ARRAY_LEN(hs), &n));
     *found = n > 0;
     if (n > 0)
         *out = hs[0];
