@@ -33,10 +33,8 @@ typedef struct {
 
 typedef struct {
     int64_t now;
-    uint32_t *mv; /* per master version: live versions under it */
-    uint64_t *mcount;
-    size_t nm, mcap;
-    kms_vref *due; /* destructions past due */
+    kms_mtally mtally; /* per master version: live versions under it */
+    kms_vref *due;     /* destructions past due */
     size_t ndue, due_cap;
     kms_vref *expired; /* deprecations past grace, still recorded deprecated */
     size_t nexp, exp_cap;
@@ -81,31 +79,8 @@ static kms_result kms_chk_versions(const uint8_t *key, size_t klen, const uint8_
     else if (rec.state == KMS_VERSION_DEPRECATED && rec.grace_until != 0 &&
              c->now >= rec.grace_until)
         r = kms_vref_push(&c->expired, &c->nexp, &c->exp_cap, name, version);
-    if (kms_is_ok(r) && rec.state != KMS_VERSION_DESTROYED) {
-        size_t i;
-        for (i = 0; i < c->nm; i++)
-            if (c->mv[i] == rec.master_version)
-                break;
-        if (i == c->nm) {
-            if (c->nm == c->mcap) {
-                size_t cap = c->mcap ? c->mcap * 2 : 8;
-                uint32_t *m = realloc(c->mv, cap * sizeof(*m));
-                uint64_t *n = m != NULL ? realloc(c->mcount, cap * sizeof(*n)) : NULL;
-                if (m != NULL)
-                    c->mv = m;
-                if (n == NULL) {
-                    kms_secmem_wipe(&rec, sizeof(rec));
-                    KMS_BAIL(KMS_ERR_NO_MEMORY);
-                }
-                c->mcount = n;
-                c->mcap = cap;
-            }
-            c->mv[i] = rec.master_version;
-            c->mcount[i] = 0;
-            c->nm++;
-        }
-        c->mcount[i]++;
-    }
+    if (kms_is_ok(r) && rec.state != KMS_VERSION_DESTROYED)
+        r = kms_mtally_add(&c->mtally, rec.master_version);
     kms_secmem_wipe(&rec, sizeof(rec));
     return r;
 }
@@ -157,7 +132,8 @@ static kms_result kms_chk_masters(const uint8_t *key, size_t klen, const uint8_t
 static kms_result kms_chk_txn(kms_txn *t, void *arg)
 {
     kms_chk *c = arg;
-    c->nm = c->ndue = c->nexp = c->versions = c->nstale = c->nmasters = 0;
+    c->mtally.n = 0;
+    c->ndue = c->nexp = c->versions = c->nstale = c->nmasters = 0;
     KMS_GUARD(kms_txn_count(t, KMS_DB_KEYS, &c->keys));
     KMS_GUARD(kms_txn_scan(t, KMS_DB_VERSIONS, NULL, 0, NULL, 0, kms_chk_versions, c));
     KMS_GUARD(kms_txn_scan(t, KMS_DB_ROTATIONS, NULL, 0, NULL, 0, kms_chk_rotations, c));
@@ -166,20 +142,11 @@ static kms_result kms_chk_txn(kms_txn *t, void *arg)
 
 static void kms_chk_free(kms_chk *c)
 {
-    free(c->mv);
-    free(c->mcount);
+    kms_mtally_free(&c->mtally);
     free(c->due);
     free(c->expired);
     free(c->stale);
     free(c->masters);
-}
-
-static uint64_t kms_chk_count(const kms_chk *c, uint32_t mv)
-{
-    for (size_t i = 0; i < c->nm; i++)
-        if (c->mv[i] == mv)
-            return c->mcount[i];
-    return 0;
 }
 
 /* Persists an expired deprecation as disabled. */
@@ -386,7 +353,7 @@ KMS_RESULT kms_check_run(kms *k, bool repair, bool deep, kms_check_report *out)
                 named[i] = true;
             }
         }
-        uint64_t users = kms_chk_count(&c, e->version);
+        uint64_t users = kms_mtally_of(&c.mtally, e->version);
         if (present && e->rec.state == KMS_MASTER_RETIRED) {
             out->problems++;
             kms_sum(out, &used, "retired master %u still on the token; ", e->version);

@@ -126,6 +126,15 @@ bool kms_master_id(kms *k, uint32_t version, uint8_t id[KMS_HSM_ID_BYTES]);
 KMS_RESULT kms_master_target(kms *k, uint32_t *version, uint8_t id[KMS_HSM_ID_BYTES]);
 /* First start: master version 1. */
 KMS_RESULT kms_master_bootstrap(kms *k);
+/* Live versions counted per master version (master rotation, check). */
+typedef struct {
+    uint32_t *mv;
+    uint64_t *count;
+    size_t n, cap;
+} kms_mtally;
+KMS_RESULT kms_mtally_add(kms_mtally *t, uint32_t master_version);
+uint64_t kms_mtally_of(const kms_mtally *t, uint32_t master_version);
+void kms_mtally_free(kms_mtally *t);
 /* Destroys retired masters still on the token; returns how many. */
 size_t kms_master_destroy_retired(kms *k);
 /* Finishes an interrupted master rotation, if any (admin_mu held). */

@@ -68,12 +68,49 @@ KMS_RESULT kms_master_bootstrap(kms *k)
 
 /* ---------------------------------------------------------------------- */
 
+/* Live (not destroyed) versions per master version. */
+KMS_RESULT kms_mtally_add(kms_mtally *t, uint32_t master_version)
+{
+    for (size_t i = 0; i < t->n; i++) {
+        if (t->mv[i] == master_version) {
+            t->count[i]++;
+            return KMS_OK_RESULT;
+        }
+    }
+    if (t->n == t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 8;
+        uint32_t *m = realloc(t->mv, cap * sizeof(*m));
+        KMS_ENSURE(m != NULL, KMS_ERR_NO_MEMORY);
+        t->mv = m;
+        uint64_t *n = realloc(t->count, cap * sizeof(*n));
+        KMS_ENSURE(n != NULL, KMS_ERR_NO_MEMORY);
+        t->count = n;
+        t->cap = cap;
+    }
+    t->mv[t->n] = master_version;
+    t->count[t->n] = 1;
+    t->n++;
+    return KMS_OK_RESULT;
+}
+
+uint64_t kms_mtally_of(const kms_mtally *t, uint32_t master_version)
+{
+    for (size_t i = 0; i < t->n; i++)
+        if (t->mv[i] == master_version)
+            return t->count[i];
+    return 0;
+}
+
+void kms_mtally_free(kms_mtally *t)
+{
+    free(t->mv);
+    free(t->count);
+    memset(t, 0, sizeof(*t));
+}
+
 typedef struct {
     uint32_t target;
-    /* per master version: versions wrapped under it (not destroyed) */
-    uint32_t *mv;
-    uint64_t *count;
-    size_t n, cap;
+    kms_mtally tally;
     uint64_t not_target;
 } kms_mcount;
 
@@ -90,40 +127,7 @@ static kms_result kms_mcount_scan(const uint8_t *key, size_t klen, const uint8_t
         return KMS_OK_RESULT;
     if (mv != c->target)
         c->not_target++;
-    for (size_t i = 0; i < c->n; i++) {
-        if (c->mv[i] == mv) {
-            c->count[i]++;
-            return KMS_OK_RESULT;
-        }
-    }
-    if (c->n == c->cap) {
-        size_t cap = c->cap ? c->cap * 2 : 8;
-        uint32_t *m = realloc(c->mv, cap * sizeof(*m));
-        KMS_ENSURE(m != NULL, KMS_ERR_NO_MEMORY);
-        c->mv = m;
-        uint64_t *n = realloc(c->count, cap * sizeof(*n));
-        KMS_ENSURE(n != NULL, KMS_ERR_NO_MEMORY);
-        c->count = n;
-        c->cap = cap;
-    }
-    c->mv[c->n] = mv;
-    c->count[c->n] = 1;
-    c->n++;
-    return KMS_OK_RESULT;
-}
-
-static void kms_mcount_free(kms_mcount *c)
-{
-    free(c->mv);
-    free(c->count);
-}
-
-static uint64_t kms_mcount_of(const kms_mcount *c, uint32_t mv)
-{
-    for (size_t i = 0; i < c->n; i++)
-        if (c->mv[i] == mv)
-            return c->count[i];
-    return 0;
+    return kms_mtally_add(&c->tally, mv);
 }
 
 typedef struct {
@@ -146,7 +150,7 @@ static kms_result kms_mlist_scan(const uint8_t *key, size_t klen, const uint8_t 
     i->created_at = m.created_at;
     i->retired_at = m.retired_at;
     i->current = m.state == KMS_MASTER_CURRENT;
-    i->versions_wrapped = kms_mcount_of(x->c, v);
+    i->versions_wrapped = kms_mtally_of(&x->c->tally, v);
     return KMS_OK_RESULT;
 }
 
@@ -154,7 +158,7 @@ static kms_result kms_mlist_txn(kms_txn *t, void *arg)
 {
     kms_mlist_tx *x = arg;
     x->n = 0;
-    x->c->n = 0;
+    x->c->tally.n = 0;
     KMS_GUARD(kms_txn_scan(t, KMS_DB_VERSIONS, NULL, 0, NULL, 0, kms_mcount_scan, x->c));
     size_t n;
     KMS_GUARD(kms_txn_count(t, KMS_DB_MASTERS, &n));
@@ -174,7 +178,7 @@ KMS_RESULT kms_master_list(kms *k, kms_master_info **out, size_t *n)
     kms_mcount c = {0};
     kms_mlist_tx x = {.c = &c};
     kms_result r = kms_store_read(k->store, kms_mlist_txn, &x);
-    kms_mcount_free(&c);
+    kms_mtally_free(&c.tally);
     KMS_GUARD(r);
     *out = x.out;
     *n = x.n;
@@ -382,7 +386,7 @@ static kms_result kms_mfinal_txn(kms_txn *t, void *arg)
     kms_mfinal_tx *x = arg;
     kms_mcount c = {.target = x->target};
     kms_result r = kms_txn_scan(t, KMS_DB_VERSIONS, NULL, 0, NULL, 0, kms_mcount_scan, &c);
-    kms_mcount_free(&c);
+    kms_mtally_free(&c.tally);
     KMS_GUARD(r);
     x->left = c.not_target;
     if (x->left > 0)
