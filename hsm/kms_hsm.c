@@ -845,6 +845,20 @@ static KMS_RESULT hsm_check_type(kms_hsm_secret_type type)
     return KMS_OK_RESULT;
 }
 
+/* Wraps a temporary session object under a master, appending the blob to
+ * out (nothing appended on failure), and destroys the object either way. */
+static KMS_RESULT hsm_wrap_temporary(kms_hsm *h, kms_hsm_session *s,
+                                     const uint8_t master_id[KMS_HSM_ID_BYTES],
+                                     CK_OBJECT_HANDLE tmp, kms_buf *out)
+{
+    size_t before = out->len;
+    kms_result r = hsm_wrap(h, s, master_id, tmp, out);
+    if (!kms_is_ok(r))
+        kms_buf_truncate(out, before);
+    hsm_destroy_quietly(h, s, tmp);
+    return r;
+}
+
 static KMS_RESULT hsm_secret_generate_once(kms_hsm *h, const uint8_t master_id[KMS_HSM_ID_BYTES],
                                            kms_hsm_secret_type type, kms_buf *wrapped_out)
 {
@@ -871,11 +885,7 @@ static KMS_RESULT hsm_secret_generate_once(kms_hsm *h, const uint8_t master_id[K
     if (rv != CKR_OK) {
         r = kms_hsm_session_fail(h, &s, rv, "C_GenerateKey", KMS_P11_CTX_ANY);
     } else {
-        size_t before = wrapped_out->len;
-        r = hsm_wrap(h, &s, master_id, key, wrapped_out);
-        if (!kms_is_ok(r))
-            wrapped_out->len = before;
-        hsm_destroy_quietly(h, &s, key);
+        r = hsm_wrap_temporary(h, &s, master_id, key, wrapped_out);
     }
     hsm_leave(h, &s);
     return r;
@@ -908,11 +918,7 @@ static KMS_RESULT hsm_secret_rewrap_once(kms_hsm *h, const kms_hsm_key_ref *ref,
     CK_OBJECT_HANDLE tmp = CK_INVALID_HANDLE;
     kms_result r = hsm_unwrap(h, &s, ref, tmpl, KMS_ARRAY_LEN(tmpl), &tmp);
     if (kms_is_ok(r)) {
-        size_t before = wrapped_out->len;
-        r = hsm_wrap(h, &s, new_master_id, tmp, wrapped_out);
-        if (!kms_is_ok(r))
-            wrapped_out->len = before;
-        hsm_destroy_quietly(h, &s, tmp);
+        r = hsm_wrap_temporary(h, &s, new_master_id, tmp, wrapped_out);
     }
     hsm_leave(h, &s);
     return r;
