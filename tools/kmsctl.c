@@ -1019,19 +1019,19 @@ static KMS_RESULT query_add(CURL *h, char *q, size_t n, const char *k, const cha
     return KMS_OK_RESULT;
 }
 
-static KMS_RESULT verb_rotations(kmsctl_run *r)
+/* A filter option of a listing verb and the query parameter it becomes. */
+typedef struct {
+    kmsctl_opt_id id;
+    const char *param;
+} kmsctl_query_param;
+
+/* Appends ?name=value&... for every option of params that was given;
+ * numeric options (times, durations, counts) are sent as integers. */
+static KMS_RESULT query_from_options(kmsctl_run *r, const kmsctl_query_param *params, size_t n,
+                                     char *query, size_t size)
 {
-    const kmsctl_args *a = r->a;
-    static const struct {
-        kmsctl_opt_id id;
-        const char *param;
-    } params[] = {
-        {KMSCTL_OPT_FILTER_KEY, "key"}, {KMSCTL_OPT_TYPE, "type"}, {KMSCTL_OPT_STATUS, "status"},
-        {KMSCTL_OPT_SINCE, "from"},     {KMSCTL_OPT_UNTIL, "to"},  {KMSCTL_OPT_LIMIT, "limit"},
-    };
-    char query[KMSCTL_PATH_BYTES] = "";
-    for (size_t i = 0; i < KMS_ARRAY_LEN(params); i++) {
-        const kmsctl_value *v = &a->opt[params[i].id];
+    for (size_t i = 0; i < n; i++) {
+        const kmsctl_value *v = &r->a->opt[params[i].id];
         if (!v->set) {
             continue;
         }
@@ -1041,8 +1041,20 @@ static KMS_RESULT verb_rotations(kmsctl_run *r)
             snprintf(num, sizeof(num), "%lld", (long long)v->num);
             text = num;
         }
-        KMS_GUARD(query_add(r->http->h, query, sizeof(query), params[i].param, text));
+        KMS_GUARD(query_add(r->http->h, query, size, params[i].param, text));
     }
+    return KMS_OK_RESULT;
+}
+
+static KMS_RESULT verb_rotations(kmsctl_run *r)
+{
+    const kmsctl_args *a = r->a;
+    static const kmsctl_query_param params[] = {
+        {KMSCTL_OPT_FILTER_KEY, "key"}, {KMSCTL_OPT_TYPE, "type"}, {KMSCTL_OPT_STATUS, "status"},
+        {KMSCTL_OPT_SINCE, "from"},     {KMSCTL_OPT_UNTIL, "to"},  {KMSCTL_OPT_LIMIT, "limit"},
+    };
+    char query[KMSCTL_PATH_BYTES] = "";
+    KMS_GUARD(query_from_options(r, params, KMS_ARRAY_LEN(params), query, sizeof(query)));
     char path[KMSCTL_PATH_BYTES + 32];
     snprintf(path, sizeof(path), "/v1/rotations%s", query);
     json_t *doc JSON_AUTO = NULL;
@@ -1366,29 +1378,14 @@ static void time_text(int64_t t, char *out, size_t n)
 static KMS_RESULT verb_audit(kmsctl_run *r)
 {
     const kmsctl_args *a = r->a;
-    static const struct {
-        kmsctl_opt_id id;
-        const char *param;
-    } params[] = {
+    static const kmsctl_query_param params[] = {
         {KMSCTL_OPT_FROM, "from"},         {KMSCTL_OPT_TO, "to"},
         {KMSCTL_OPT_IDENTITY, "identity"}, {KMSCTL_OPT_OPERATION, "operation"},
         {KMSCTL_OPT_AUDIT_KEY, "key"},     {KMSCTL_OPT_AFTER, "after"},
         {KMSCTL_OPT_LIMIT, "limit"},
     };
     char query[KMSCTL_PATH_BYTES] = "";
-    for (size_t i = 0; i < KMS_ARRAY_LEN(params); i++) {
-        const kmsctl_value *v = &a->opt[params[i].id];
-        if (!v->set) {
-            continue;
-        }
-        char num[32];
-        const char *text = v->str;
-        if (kmsctl_option_get(params[i].id)->kind != KMSCTL_KIND_STRING) {
-            snprintf(num, sizeof(num), "%lld", (long long)v->num);
-            text = num;
-        }
-        KMS_GUARD(query_add(r->http->h, query, sizeof(query), params[i].param, text));
-    }
+    KMS_GUARD(query_from_options(r, params, KMS_ARRAY_LEN(params), query, sizeof(query)));
     char path[KMSCTL_PATH_BYTES + 32];
     snprintf(path, sizeof(path), "/v1/audit%s", query);
     json_t *doc JSON_AUTO = NULL;
