@@ -13,6 +13,8 @@ kmsd=${KMSD:-$bld/tools/kmsd}
 kms_token=${KMS_TOKEN:-$bld/tools/kms-token}
 reencrypt=${KMS_REENCRYPT:-$bld/tools/kms-reencrypt}
 module=${KMS_SOFTHSM_MODULE:?}
+# shellcheck source=../lib/kms-fixture.sh
+. "$src/tests/lib/kms-fixture.sh"
 pgbin=${PG_BIN:-/usr/lib/postgresql/15/bin}
 
 tmp=$(mktemp -d)
@@ -133,23 +135,9 @@ e2e_start_kmsd() { # [PORT]: a fixed port to restart on
     local want=${1:-}
     if [ ! -d "$tmp/pki" ]; then
         "$src/certs/make-dev-pki" "$tmp/pki" >/dev/null
-        mkdir -p "$tmp/tokens" "$tmp/lmdb"
-        cat >"$tmp/softhsm2.conf" <<CONF
-directories.tokendir = $tmp/tokens
-objectstore.backend = file
-log.level = ERROR
-CONF
-        export SOFTHSM2_CONF=$tmp/softhsm2.conf
-        "$kms_token" init --module "$module" --label rx-e2e --pin-file "$tmp/pin" \
-            --so-pin-file "$tmp/so-pin" --generate >/dev/null
-        cat >"$tmp/policy.json" <<'POLICY'
-{"rules": [
-  {"identity": "spiffe://kmsd.dev/app", "role": "app", "keys": ["*"]},
-  {"identity": "spiffe://kmsd.dev/migrator", "role": "migrator", "keys": ["*"]},
-  {"identity": "spiffe://kmsd.dev/admin", "role": "admin", "keys": ["*"]},
-  {"identity": "spiffe://kmsd.dev/auditor", "role": "auditor", "keys": ["*"]}
-]}
-POLICY
+        mkdir -p "$tmp/lmdb"
+        kms_fixture_token "$tmp" rx-e2e "$kms_token" "$module"
+        kms_fixture_policy "$tmp/policy.json"
     fi
     local attempt candidate
     for attempt in 1 2 3 4 5 6 7 8; do

@@ -11,6 +11,8 @@ kmsctl=${KMSCTL:-$bld/tools/kmsctl}
 kmsd=${KMSD:-$bld/tools/kmsd}
 kms_token=${KMS_TOKEN:-$bld/tools/kms-token}
 module=${KMS_SOFTHSM_MODULE:?}
+# shellcheck source=../lib/kms-fixture.sh
+. "$src/tests/lib/kms-fixture.sh"
 
 tmp=$(mktemp -d)
 kmsd_pid=""
@@ -66,24 +68,10 @@ err_has() { grep -qF -- "$1" "$tmp/err"; }
 # ---- fixture: PKI, token, store, policy, config ----
 pki=$tmp/pki
 "$src/certs/make-dev-pki" "$pki" >/dev/null
-mkdir -p "$tmp/tokens" "$tmp/lmdb"
-cat >"$tmp/softhsm2.conf" <<CONF
-directories.tokendir = $tmp/tokens
-objectstore.backend = file
-log.level = ERROR
-CONF
-export SOFTHSM2_CONF=$tmp/softhsm2.conf
-"$kms_token" init --module "$module" --label kmsctl-test --pin-file "$tmp/pin" \
-    --so-pin-file "$tmp/so-pin" --generate >/dev/null
+mkdir -p "$tmp/lmdb"
+kms_fixture_token "$tmp" kmsctl-test "$kms_token" "$module"
 # app may use t-* keys only, so "forbidden" on another key is testable.
-cat >"$tmp/policy.json" <<'POLICY'
-{"rules": [
-  {"identity": "spiffe://kmsd.dev/app", "role": "app", "keys": ["t-*"]},
-  {"identity": "spiffe://kmsd.dev/migrator", "role": "migrator", "keys": ["*"]},
-  {"identity": "spiffe://kmsd.dev/admin", "role": "admin", "keys": ["*"]},
-  {"identity": "spiffe://kmsd.dev/auditor", "role": "auditor", "keys": ["*"]}
-]}
-POLICY
+kms_fixture_policy "$tmp/policy.json" 't-*'
 
 start_kmsd() { # PORT
     cat >"$tmp/kmsd.conf" <<CONF

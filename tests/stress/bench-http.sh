@@ -22,6 +22,8 @@ here=$(cd "$(dirname "$0")/../.." && pwd)
 build=$(cd "${1:?usage: $0 BUILD_DIR [kms-bench http options]}" && pwd)
 shift
 module=${KMS_SOFTHSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
+# shellcheck source=../lib/kms-fixture.sh
+. "$here/tests/lib/kms-fixture.sh"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/kms-bench-http-XXXXXX")
 kmsd_pid=""
@@ -37,24 +39,10 @@ cleanup() {
 trap cleanup EXIT
 
 "$here/certs/make-dev-pki" "$tmp/pki" >/dev/null
-mkdir -p "$tmp/tokens" "$tmp/store"
-cat >"$tmp/softhsm2.conf" <<CONF
-directories.tokendir = $tmp/tokens
-objectstore.backend = file
-log.level = ERROR
-slots.removable = false
-CONF
-export SOFTHSM2_CONF="$tmp/softhsm2.conf"
+mkdir -p "$tmp/store"
 label="kmsd-bench-$$"
-"$build/tools/kms-token" init --module "$module" --label "$label" \
-    --pin-file "$tmp/user.pin" --so-pin-file "$tmp/so.pin" --generate >/dev/null
-
-cat >"$tmp/policy.json" <<'POLICY'
-{"rules": [
-  {"identity": "spiffe://kmsd.dev/app", "role": "app", "keys": ["*"]},
-  {"identity": "spiffe://kmsd.dev/admin", "role": "admin", "keys": ["*"]}
-]}
-POLICY
+kms_fixture_token "$tmp" "$label" "$build/tools/kms-token" "$module"
+kms_fixture_policy "$tmp/policy.json"
 
 port=$((20000 + RANDOM % 20000))
 {
@@ -66,7 +54,7 @@ port=$((20000 + RANDOM % 20000))
     echo "store_path = $tmp/store"
     echo "hsm_module = $module"
     echo "hsm_token_uri = pkcs11:token=$label"
-    echo "hsm_pin_file = $tmp/user.pin"
+    echo "hsm_pin_file = $tmp/pin"
     if [ -n "${WORKERS:-}" ]; then echo "workers = $WORKERS"; fi
     if [ -n "${KMSD_CONF_EXTRA:-}" ]; then printf '%s\n' "$KMSD_CONF_EXTRA"; fi
     # AUDIT=off: kmsd's benchmark-only switch (docs/audit.md), to measure
@@ -92,4 +80,4 @@ done
     --cert "$pki/app.crt" --key "$pki/app.key" --cacert "$pki/ca.crt" \
     --admin-cert "$pki/admin.crt" --admin-key "$pki/admin.key" \
     --server-pid "$kmsd_pid" \
-    --module "$module" --token-uri "pkcs11:token=$label" --pin-file "$tmp/user.pin" "$@"
+    --module "$module" --token-uri "pkcs11:token=$label" --pin-file "$tmp/pin" "$@"
