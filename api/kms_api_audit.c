@@ -82,19 +82,6 @@ static void json_free(json_t **j)
     json_decref(*j);
 }
 
-static KMS_RESULT buf_printf(kms_buf *b, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static KMS_RESULT buf_printf(kms_buf *b, const char *fmt, ...)
-{
-    char tmp[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
-    va_end(ap);
-    KMS_ENSURE(n >= 0 && (size_t)n < sizeof(tmp), KMS_ERR_INTERNAL);
-    return kms_buf_append(b, tmp, (size_t)n);
-}
-
 static void hex32(const uint8_t h[32], char out[65])
 {
     kms_hex_encode(h, 32, out);
@@ -155,10 +142,10 @@ static json_t *time_json(int64_t t)
  * version. Metadata only: no secret, wrapped or not, ever leaves. */
 static KMS_RESULT export_inventory(kms *k, kms_buf *csv, json_t *arr)
 {
-    KMS_GUARD(buf_printf(csv, "key,purpose,primary_version,min_decryption_version,"
-                              "rotation_period_s,key_created_at,rotated_at,version,state,"
-                              "created_at,primary_at,deprecated_at,grace_until,destroy_at,"
-                              "last_used_at,encryptions,master_version\r\n"));
+    KMS_GUARD(kms_buf_appendf(csv, "key,purpose,primary_version,min_decryption_version,"
+                                   "rotation_period_s,key_created_at,rotated_at,version,state,"
+                                   "created_at,primary_at,deprecated_at,grace_until,destroy_at,"
+                                   "last_used_at,encryptions,master_version\r\n"));
     char after[KMS_KEY_NAME_MAX_BYTES + 1] = "";
     for (;;) {
         kms_key_info *keys = NULL;
@@ -186,15 +173,16 @@ static KMS_RESULT export_inventory(kms *k, kms_buf *csv, json_t *arr)
                               time_json(v->last_used_at), "encryptions", (json_int_t)v->encryptions,
                               "master_version", (json_int_t)v->master_version));
                 /* Key names are [A-Za-z0-9._-] (kms_names.c): no CSV quoting. */
-                r = buf_printf(csv,
-                               "%s,%s,%" PRIu32 ",%" PRIu32 ",%" PRId64 ",%" PRId64 ",%" PRId64
-                               ",%" PRIu32 ",%s,%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64
-                               ",%" PRId64 ",%" PRId64 ",%" PRIu64 ",%" PRIu32 "\r\n",
-                               ki->name, kms_purpose_name(ki->purpose), ki->primary_version,
-                               ki->min_decryption_version, ki->rotation_period_s, ki->created_at,
-                               ki->rotated_at, v->version, kms_version_state_name(v->state),
-                               v->created_at, v->primary_at, v->deprecated_at, v->grace_until,
-                               v->destroy_at, v->last_used_at, v->encryptions, v->master_version);
+                r = kms_buf_appendf(csv,
+                                    "%s,%s,%" PRIu32 ",%" PRIu32 ",%" PRId64 ",%" PRId64 ",%" PRId64
+                                    ",%" PRIu32 ",%s,%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64
+                                    ",%" PRId64 ",%" PRId64 ",%" PRIu64 ",%" PRIu32 "\r\n",
+                                    ki->name, kms_purpose_name(ki->purpose), ki->primary_version,
+                                    ki->min_decryption_version, ki->rotation_period_s,
+                                    ki->created_at, ki->rotated_at, v->version,
+                                    kms_version_state_name(v->state), v->created_at, v->primary_at,
+                                    v->deprecated_at, v->grace_until, v->destroy_at,
+                                    v->last_used_at, v->encryptions, v->master_version);
             }
             free(vs);
             json_t *o = json_pack("{s:s,s:s,s:I,s:I,s:I,s:I,s:I,s:b,s:o,s:o,s:o}", "name", ki->name,

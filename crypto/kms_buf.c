@@ -5,6 +5,8 @@
 #include "kms_buf.h"
 #include "kms_secmem.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -166,6 +168,24 @@ KMS_RESULT kms_buf_terminate(kms_buf *b)
     KMS_ENSURE(b->len < SIZE_MAX, KMS_ERR_LIMIT_EXCEEDED);
     KMS_GUARD(kms_buf_grow(b, b->len + 1));
     b->data[b->len] = '\0';
+    return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_buf_appendf(kms_buf *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    KMS_ENSURE(n >= 0, KMS_ERR_INVALID_ARGUMENT);
+    /* Room for the text within the ceiling, plus the NUL vsnprintf writes,
+     * which the capacity (max + 1) always has room for, as in terminate. */
+    KMS_GUARD(kms_buf_reserve(b, (size_t)n));
+    KMS_GUARD(kms_buf_grow(b, b->len + (size_t)n + 1));
+    va_start(ap, fmt);
+    vsnprintf((char *)b->data + b->len, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
     return KMS_OK_RESULT;
 }
 

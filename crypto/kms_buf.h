@@ -49,6 +49,8 @@ KMS_RESULT kms_buf_append_u64(kms_buf *b, uint64_t v);
 void kms_buf_truncate(kms_buf *b, size_t len);
 /* Appends n bytes of space and returns a pointer to them in *out. */
 KMS_RESULT kms_buf_extend(kms_buf *b, size_t n, uint8_t **out);
+/* Appends printf-formatted text (no NUL counted), within the ceiling. */
+KMS_RESULT kms_buf_appendf(kms_buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Appends a NUL that is not counted in len (for text consumers). */
 KMS_RESULT kms_buf_terminate(kms_buf *b);
 

@@ -97,19 +97,6 @@ static KMS_RESULT audit_put_str(kms_buf *b, const char *s)
     return kms_buf_append_u8(b, '"');
 }
 
-static KMS_RESULT audit_put_fmt(kms_buf *b, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-static KMS_RESULT audit_put_fmt(kms_buf *b, const char *fmt, ...)
-{
-    char tmp[128];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(tmp, sizeof(tmp), fmt, ap);
-    va_end(ap);
-    KMS_ENSURE(n >= 0 && (size_t)n < sizeof(tmp), KMS_ERR_INTERNAL);
-    return kms_buf_append(b, tmp, (size_t)n);
-}
-
 /* {"seq":S,"time":T,"identity":"","source":"","request_id":"","operation":"",
  *  "key":"","version":V,"to_version":V,"items":N,"status":S,"result":"",
  *  "prev":"<64 hex>"} */
@@ -118,23 +105,23 @@ static KMS_RESULT audit_encode(const kms_audit_record *r, const uint8_t prev[KMS
 {
     char prev_hex[2 * KMS_AUDIT_HASH_BYTES + 1];
     kms_hex_encode(prev, KMS_AUDIT_HASH_BYTES, prev_hex);
-    KMS_GUARD(audit_put_fmt(b, "{\"seq\":%" PRIu64 ",\"time\":%" PRId64 ",\"identity\":", r->seq,
-                            r->time));
+    KMS_GUARD(kms_buf_appendf(b, "{\"seq\":%" PRIu64 ",\"time\":%" PRId64 ",\"identity\":", r->seq,
+                              r->time));
     KMS_GUARD(audit_put_str(b, r->identity));
-    KMS_GUARD(audit_put_fmt(b, ",\"source\":"));
+    KMS_GUARD(kms_buf_appendf(b, ",\"source\":"));
     KMS_GUARD(audit_put_str(b, r->source));
-    KMS_GUARD(audit_put_fmt(b, ",\"request_id\":"));
+    KMS_GUARD(kms_buf_appendf(b, ",\"request_id\":"));
     KMS_GUARD(audit_put_str(b, r->request_id));
-    KMS_GUARD(audit_put_fmt(b, ",\"operation\":"));
+    KMS_GUARD(kms_buf_appendf(b, ",\"operation\":"));
     KMS_GUARD(audit_put_str(b, r->operation));
-    KMS_GUARD(audit_put_fmt(b, ",\"key\":"));
+    KMS_GUARD(kms_buf_appendf(b, ",\"key\":"));
     KMS_GUARD(audit_put_str(b, r->key));
-    KMS_GUARD(audit_put_fmt(b,
-                            ",\"version\":%" PRIu32 ",\"to_version\":%" PRIu32 ",\"items\":%" PRIu32
-                            ",\"status\":%u,\"result\":",
-                            r->version, r->to_version, r->items, (unsigned)r->status));
+    KMS_GUARD(kms_buf_appendf(b,
+                              ",\"version\":%" PRIu32 ",\"to_version\":%" PRIu32
+                              ",\"items\":%" PRIu32 ",\"status\":%u,\"result\":",
+                              r->version, r->to_version, r->items, (unsigned)r->status));
     KMS_GUARD(audit_put_str(b, r->result));
-    KMS_GUARD(audit_put_fmt(b, ",\"prev\":\"%s\"}", prev_hex));
+    KMS_GUARD(kms_buf_appendf(b, ",\"prev\":\"%s\"}", prev_hex));
     return KMS_OK_RESULT;
 }
 

@@ -58,22 +58,6 @@ static kms_result sb(kms_buf *b, const char *s)
     return kms_buf_append(b, s, strlen(s));
 }
 
-__attribute__((format(printf, 2, 3))) static kms_result sbf(kms_buf *b, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    KMS_ENSURE(n >= 0, KMS_ERR_INTERNAL);
-    uint8_t *p = NULL;
-    KMS_GUARD(kms_buf_extend(b, (size_t)n + 1, &p));
-    va_start(ap, fmt);
-    vsnprintf((char *)p, (size_t)n + 1, fmt, ap);
-    va_end(ap);
-    b->len--; /* the NUL is not part of the text */
-    return KMS_OK_RESULT;
-}
-
 static const char *sz(kms_buf *b)
 {
     if (!kms_is_ok(kms_buf_terminate(b))) {
@@ -352,11 +336,11 @@ KMS_RESULT rx_db_resolve(PGconn *db, rx_plan *p)
     KMS_GUARD(sb(&q, "SELECT count(*) FROM pg_index i WHERE i.indrelid = $1::regclass AND "
                      "i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL AND "
                      "i.indnkeyatts = "));
-    KMS_GUARD(sbf(&q, "%zu", p->nkeys));
+    KMS_GUARD(kms_buf_appendf(&q, "%zu", p->nkeys));
     for (size_t k = 0; k < p->nkeys; k++) {
         KMS_GUARD(sb(&q, " AND (SELECT attnum FROM pg_attribute WHERE attrelid = i.indrelid AND "
                          "attname = $"));
-        KMS_GUARD(sbf(&q, "%zu) = ANY (i.indkey::int2[])", k + 2));
+        KMS_GUARD(kms_buf_appendf(&q, "%zu) = ANY (i.indkey::int2[])", k + 2));
     }
     const char *kp[1 + RX_MAX_KEY_COLUMNS] = {p->table_ident};
     for (size_t k = 0; k < p->nkeys; k++) {
@@ -377,7 +361,8 @@ KMS_RESULT rx_db_resolve(PGconn *db, rx_plan *p)
 static kms_result sql_keys(kms_buf *q, const rx_plan *p, const char *prefix, const char *suffix)
 {
     for (size_t k = 0; k < p->nkeys; k++) {
-        KMS_GUARD(sbf(q, "%s%s%s%s", k == 0 ? "" : ", ", prefix, p->keys[k].ident, suffix));
+        KMS_GUARD(
+            kms_buf_appendf(q, "%s%s%s%s", k == 0 ? "" : ", ", prefix, p->keys[k].ident, suffix));
     }
     return KMS_OK_RESULT;
 }
@@ -389,7 +374,8 @@ static kms_result sql_keys(kms_buf *q, const rx_plan *p, const char *prefix, con
 static kms_result sql_keys_text(kms_buf *q, const rx_plan *p)
 {
     for (size_t k = 0; k < p->nkeys; k++) {
-        KMS_GUARD(sbf(q, "%s%s::text AS rx_k%zu", k == 0 ? "" : ", ", p->keys[k].ident, k));
+        KMS_GUARD(
+            kms_buf_appendf(q, "%s%s::text AS rx_k%zu", k == 0 ? "" : ", ", p->keys[k].ident, k));
     }
     return KMS_OK_RESULT;
 }
@@ -399,7 +385,7 @@ static kms_result sql_key_params(kms_buf *q, const rx_plan *p, size_t first)
 {
     KMS_GUARD(sb(q, "("));
     for (size_t k = 0; k < p->nkeys; k++) {
-        KMS_GUARD(sbf(q, "%s$%zu::%s", k == 0 ? "" : ", ", first + k, p->keys[k].type));
+        KMS_GUARD(kms_buf_appendf(q, "%s$%zu::%s", k == 0 ? "" : ", ", first + k, p->keys[k].type));
     }
     return sb(q, ")");
 }
@@ -421,9 +407,10 @@ KMS_RESULT rx_db_guess_key(PGconn *db, const rx_plan *p, char out[KMS_KEY_NAME_M
     for (size_t c = 0; c < p->ncols; c++) {
         kms_buf q KMS_DEFER(kms_buf_cleanup) = {0};
         kms_buf_init(&q, 0);
-        KMS_GUARD(sbf(&q, "SELECT %s FROM %s", p->cols[c].ident, p->table_ident));
+        KMS_GUARD(kms_buf_appendf(&q, "SELECT %s FROM %s", p->cols[c].ident, p->table_ident));
         KMS_GUARD(sql_where(&q, p));
-        KMS_GUARD(sbf(&q, " AND %s IS NOT NULL LIMIT %d", p->cols[c].ident, RX_GUESS_SAMPLE));
+        KMS_GUARD(
+            kms_buf_appendf(&q, " AND %s IS NOT NULL LIMIT %d", p->cols[c].ident, RX_GUESS_SAMPLE));
         PGresult *r = PQexecParams(db, sz(&q), 0, NULL, NULL, NULL, NULL, 1);
         char err[512];
         kms_err code;
@@ -466,14 +453,15 @@ KMS_RESULT rx_run_id(rx_plan *p)
      * more, to the version that is current now). */
     kms_buf b KMS_DEFER(kms_buf_cleanup) = {0};
     kms_buf_init(&b, 0);
-    KMS_GUARD(sbf(&b, "kms-reencrypt run v1%c%s%c", 0, p->table_ident, 0));
+    KMS_GUARD(kms_buf_appendf(&b, "kms-reencrypt run v1%c%s%c", 0, p->table_ident, 0));
     for (size_t k = 0; k < p->nkeys; k++) {
-        KMS_GUARD(sbf(&b, "k:%s%c", p->keys[k].ident, 0));
+        KMS_GUARD(kms_buf_appendf(&b, "k:%s%c", p->keys[k].ident, 0));
     }
     for (size_t c = 0; c < p->ncols; c++) {
-        KMS_GUARD(sbf(&b, "c:%s%c", p->cols[c].ident, 0));
+        KMS_GUARD(kms_buf_appendf(&b, "c:%s%c", p->cols[c].ident, 0));
     }
-    KMS_GUARD(sbf(&b, "%s%c%s%c%u", p->key, 0, p->where != NULL ? p->where : "", 0, p->primary));
+    KMS_GUARD(kms_buf_appendf(&b, "%s%c%s%c%u", p->key, 0, p->where != NULL ? p->where : "", 0,
+                              p->primary));
     uint8_t h[KMS_SHA256_BYTES];
     KMS_GUARD(kms_sha256(b.data, b.len, h));
     for (size_t i = 0; i < RX_RUN_ID_HEX_BYTES / 2; i++) {
@@ -606,10 +594,10 @@ static kms_result checkpoint_insert(PGconn *db, const rx_plan *p, unsigned worke
     kms_buf_init(&cols, 0);
     kms_buf_init(&keys, 0);
     for (size_t k = 0; k < p->nkeys; k++) {
-        KMS_GUARD(sbf(&keys, "%s%s", k == 0 ? "" : ",", p->keys[k].name));
+        KMS_GUARD(kms_buf_appendf(&keys, "%s%s", k == 0 ? "" : ",", p->keys[k].name));
     }
     for (size_t c = 0; c < p->ncols; c++) {
-        KMS_GUARD(sbf(&cols, "%s%s", c == 0 ? "" : ",", p->cols[c].name));
+        KMS_GUARD(kms_buf_appendf(&cols, "%s%s", c == 0 ? "" : ",", p->cols[c].name));
     }
     char wk[16], ver[16], tot[24];
     snprintf(wk, sizeof(wk), "%u", worker);
@@ -636,16 +624,16 @@ static kms_result checkpoint_create(PGconn *db, rx_plan *p)
     kms_buf_init(&q, 0);
     KMS_GUARD(sb(&q, "WITH s AS (SELECT "));
     KMS_GUARD(sql_keys(&q, p, "", ""));
-    KMS_GUARD(sbf(&q, ", ntile(%u) OVER (ORDER BY ", p->workers));
+    KMS_GUARD(kms_buf_appendf(&q, ", ntile(%u) OVER (ORDER BY ", p->workers));
     KMS_GUARD(sql_keys(&q, p, "", ""));
-    KMS_GUARD(sbf(&q, ") AS rx_tile FROM %s", p->table_ident));
+    KMS_GUARD(kms_buf_appendf(&q, ") AS rx_tile FROM %s", p->table_ident));
     KMS_GUARD(sql_where(&q, p));
     KMS_GUARD(sb(&q, ") SELECT DISTINCT ON (rx_tile) rx_tile, count(*) OVER (PARTITION BY "
                      "rx_tile), ARRAY["));
     KMS_GUARD(sql_keys(&q, p, "", "::text"));
     KMS_GUARD(sb(&q, "]::text FROM s ORDER BY rx_tile"));
     for (size_t k = 0; k < p->nkeys; k++) {
-        KMS_GUARD(sbf(&q, ", %s DESC", p->keys[k].ident));
+        KMS_GUARD(kms_buf_appendf(&q, ", %s DESC", p->keys[k].ident));
     }
     PGresult *r = NULL;
     KMS_GUARD(db_exec(db, sz(&q), 0, NULL, PGRES_TUPLES_OK, &r));
@@ -793,9 +781,9 @@ static kms_result batch_read(rx_worker *w, PGconn *db, PGresult **out, db_st *st
     KMS_GUARD(sb(&q, "SELECT "));
     KMS_GUARD(sql_keys_text(&q, p));
     for (size_t c = 0; c < p->ncols; c++) {
-        KMS_GUARD(sbf(&q, ", %s", p->cols[c].ident));
+        KMS_GUARD(kms_buf_appendf(&q, ", %s", p->cols[c].ident));
     }
-    KMS_GUARD(sbf(&q, " FROM %s", p->table_ident));
+    KMS_GUARD(kms_buf_appendf(&q, " FROM %s", p->table_ident));
     KMS_GUARD(sql_where(&q, p));
     const char *params[2 * RX_MAX_KEY_COLUMNS];
     size_t np = 0;
@@ -820,7 +808,7 @@ static kms_result batch_read(rx_worker *w, PGconn *db, PGresult **out, db_st *st
     }
     KMS_GUARD(sb(&q, " ORDER BY "));
     KMS_GUARD(sql_keys(&q, p, "", ""));
-    KMS_GUARD(sbf(&q, " LIMIT %u", p->batch));
+    KMS_GUARD(kms_buf_appendf(&q, " LIMIT %u", p->batch));
     PGresult *r = PQexecParams(db, sz(&q), (int)np, NULL, params, NULL, NULL, 1);
     char err[512];
     *st = db_check(db, r, PGRES_TUPLES_OK, err, sizeof(err), code);
@@ -956,25 +944,27 @@ static kms_result column_write(rx_worker *w, PGconn *db, const PGresult *rows, s
             formats[i] = 1;
         }
         const char *at = c->bytea ? "bytea[]" : "text[]";
-        res =
-            sbf(&q, "UPDATE %s AS rx_t SET %s = rx_v.rx_n FROM unnest(", p->table_ident, c->ident);
+        res = kms_buf_appendf(&q, "UPDATE %s AS rx_t SET %s = rx_v.rx_n FROM unnest(",
+                              p->table_ident, c->ident);
         for (size_t k = 0; k < p->nkeys && kms_is_ok(res); k++) {
-            res = sbf(&q, "$%zu::text[], ", k + 1);
+            res = kms_buf_appendf(&q, "$%zu::text[], ", k + 1);
         }
         if (kms_is_ok(res)) {
-            res = sbf(&q, "$%zu::%s, $%zu::%s) AS rx_v(", p->nkeys + 1, at, p->nkeys + 2, at);
+            res = kms_buf_appendf(&q, "$%zu::%s, $%zu::%s) AS rx_v(", p->nkeys + 1, at,
+                                  p->nkeys + 2, at);
         }
         for (size_t k = 0; k < p->nkeys && kms_is_ok(res); k++) {
-            res = sbf(&q, "rx_k%zu, ", k);
+            res = kms_buf_appendf(&q, "rx_k%zu, ", k);
         }
         if (kms_is_ok(res)) {
             res = sb(&q, "rx_o, rx_n) WHERE ");
         }
         for (size_t k = 0; k < p->nkeys && kms_is_ok(res); k++) {
-            res = sbf(&q, "rx_t.%s = rx_v.rx_k%zu::%s AND ", p->keys[k].ident, k, p->keys[k].type);
+            res = kms_buf_appendf(&q, "rx_t.%s = rx_v.rx_k%zu::%s AND ", p->keys[k].ident, k,
+                                  p->keys[k].type);
         }
         if (kms_is_ok(res)) {
-            res = sbf(&q, "rx_t.%s IS NOT DISTINCT FROM rx_v.rx_o", c->ident);
+            res = kms_buf_appendf(&q, "rx_t.%s IS NOT DISTINCT FROM rx_v.rx_o", c->ident);
         }
     }
     *updated = 0;
@@ -1392,9 +1382,9 @@ KMS_RESULT rx_db_census(PGconn *db, const rx_plan *p, rx_census *out)
     kms_buf_init(&q, 0);
     KMS_GUARD(sb(&q, "DECLARE rx_census NO SCROLL CURSOR FOR SELECT "));
     for (size_t c = 0; c < p->ncols; c++) {
-        KMS_GUARD(sbf(&q, "%s%s", c == 0 ? "" : ", ", p->cols[c].ident));
+        KMS_GUARD(kms_buf_appendf(&q, "%s%s", c == 0 ? "" : ", ", p->cols[c].ident));
     }
-    KMS_GUARD(sbf(&q, " FROM %s", p->table_ident));
+    KMS_GUARD(kms_buf_appendf(&q, " FROM %s", p->table_ident));
     KMS_GUARD(sql_where(&q, p));
     KMS_GUARD(db_exec(db, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", 0, NULL,
                       PGRES_COMMAND_OK, NULL));
@@ -1458,12 +1448,12 @@ KMS_RESULT rx_db_verify(PGconn *db, const rx_plan *p, rx_http *http, long sample
     KMS_GUARD(sb(&q, "DECLARE rx_verify NO SCROLL CURSOR FOR SELECT "));
     KMS_GUARD(sql_keys_text(&q, p));
     for (size_t c = 0; c < p->ncols; c++) {
-        KMS_GUARD(sbf(&q, ", %s", p->cols[c].ident));
+        KMS_GUARD(kms_buf_appendf(&q, ", %s", p->cols[c].ident));
     }
-    KMS_GUARD(sbf(&q, " FROM %s", p->table_ident));
+    KMS_GUARD(kms_buf_appendf(&q, " FROM %s", p->table_ident));
     KMS_GUARD(sql_where(&q, p));
     if (sample > 0) {
-        KMS_GUARD(sbf(&q, " ORDER BY random() LIMIT %ld", sample));
+        KMS_GUARD(kms_buf_appendf(&q, " ORDER BY random() LIMIT %ld", sample));
     }
     KMS_GUARD(db_exec(db, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", 0, NULL,
                       PGRES_COMMAND_OK, NULL));

@@ -173,9 +173,28 @@ static void test_rcursor_every_short_length(void **state)
     assert_int_equal(ERR(kms_rcursor_end(&c)), KMS_OK);
 }
 
+static void test_appendf(void **state)
+{
+    (void)state;
+    kms_buf b KMS_DEFER(kms_buf_cleanup) = {0};
+    kms_buf_init(&b, 16);
+    assert_true(kms_is_ok(kms_buf_appendf(&b, "seq=%d", 42)));
+    assert_true(kms_is_ok(kms_buf_appendf(&b, ",%s", "ok")));
+    assert_int_equal(b.len, 9);
+    assert_memory_equal(b.data, "seq=42,ok", 9);
+    /* Exactly at the ceiling fits (the NUL is outside len). */
+    assert_true(kms_is_ok(kms_buf_appendf(&b, "%07d", 1234567)));
+    assert_int_equal(b.len, 16);
+    /* Past it: refused, nothing appended. */
+    assert_int_equal(kms_buf_appendf(&b, "x").err, KMS_ERR_LIMIT_EXCEEDED);
+    assert_int_equal(b.len, 16);
+    assert_memory_equal(b.data, "seq=42,ok1234567", 16);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_appendf),
         cmocka_unit_test(test_append_and_grow),
         cmocka_unit_test(test_big_endian_appends),
         cmocka_unit_test(test_ceiling),
