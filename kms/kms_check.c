@@ -149,38 +149,6 @@ static void kms_chk_free(kms_chk *c)
     free(c->masters);
 }
 
-/* Persists an expired deprecation as disabled. */
-typedef struct {
-    const kms_vref *v;
-    int64_t now;
-} kms_expire_tx;
-
-static kms_result kms_expire_txn(kms_txn *t, void *arg)
-{
-    kms_expire_tx *x = arg;
-    uint8_t key[KMS_VERSION_KEY_MAX_BYTES];
-    size_t klen = kms_rec_version_key(x->v->name, x->v->version, key);
-    const uint8_t *v;
-    size_t vlen;
-    bool found;
-    KMS_GUARD(kms_txn_get(t, KMS_DB_VERSIONS, key, klen, &v, &vlen, &found));
-    if (!found)
-        return KMS_OK_RESULT;
-    kms_rec_version rec;
-    KMS_GUARD(kms_rec_version_decode(v, vlen, &rec));
-    if (rec.state == KMS_VERSION_DEPRECATED && rec.grace_until != 0 && x->now >= rec.grace_until) {
-        rec.state = KMS_VERSION_DISABLED;
-        rec.grace_until = 0;
-        kms_buf b KMS_DEFER(kms_buf_cleanup) = {0};
-        kms_result r = kms_rec_version_encode(&rec, &b);
-        kms_secmem_wipe(&rec, sizeof(rec));
-        KMS_GUARD(r);
-        return kms_txn_put(t, KMS_DB_VERSIONS, key, klen, b.data, b.len, false);
-    }
-    kms_secmem_wipe(&rec, sizeof(rec));
-    return KMS_OK_RESULT;
-}
-
 /* Drops a pending master record (its object is gone, nothing uses it). */
 typedef struct {
     uint32_t version;
@@ -430,8 +398,9 @@ KMS_RESULT kms_check_run(kms *k, bool repair, bool deep, kms_check_report *out)
         kms_sum(out, &used, "%zu destructions due; ", c.ndue);
     for (size_t i = 0; i < c.nexp; i++) {
         out->problems++;
-        kms_expire_tx x = {.v = &c.expired[i], .now = c.now};
-        if (repair && kms_is_ok(kms_write(k, kms_expire_txn, &x, true)))
+        bool changed = false;
+        if (repair && kms_is_ok(kms_version_expire_now(k, c.expired[i].name, c.expired[i].version,
+                                                       c.now, &changed)))
             out->repaired++;
     }
     if (c.nexp > 0)

@@ -146,6 +146,11 @@ KMS_RESULT kms_counter_take(kms *k, const char *name, kms_use *u);
 void kms_counters_flush(kms *k);
 /* Destroys a version whose destroy_at has passed (own write transaction). */
 KMS_RESULT kms_version_destroy_now(kms *k, const char *name, uint32_t version);
+/* A deprecated version whose grace ended by `now` becomes disabled, stored,
+ * and its cached HSM object is dropped; decided inside the transaction (it
+ * may have been enabled meanwhile). *changed says whether it was. */
+KMS_RESULT kms_version_expire_now(kms *k, const char *name, uint32_t version, int64_t now,
+                                  bool *changed);
 
 KMS_RESULT kms_rotation_put(kms_txn *t, const kms_rec_rotation *r);
 KMS_RESULT kms_rotation_new(kms *k, const kms_caller *c, const char *key, kms_rotation_type type,

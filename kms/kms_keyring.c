@@ -1169,6 +1169,54 @@ static kms_result kms_destroy_txn(kms_txn *t, void *arg)
     return kms_txn_put(t, KMS_DB_VERSIONS, key, klen, b.data, b.len, false);
 }
 
+typedef struct {
+    const char *name;
+    uint32_t version;
+    int64_t now;
+    bool changed;
+    uint8_t uid[KMS_HSM_UID_BYTES];
+} kms_expire_tx;
+
+static kms_result kms_expire_txn(kms_txn *t, void *arg)
+{
+    kms_expire_tx *x = arg;
+    x->changed = false;
+    uint8_t key[KMS_VERSION_KEY_MAX_BYTES];
+    size_t klen = kms_rec_version_key(x->name, x->version, key);
+    const uint8_t *v;
+    size_t vlen;
+    bool found;
+    KMS_GUARD(kms_txn_get(t, KMS_DB_VERSIONS, key, klen, &v, &vlen, &found));
+    if (!found)
+        return KMS_OK_RESULT;
+    kms_rec_version rec;
+    KMS_GUARD(kms_rec_version_decode(v, vlen, &rec));
+    kms_result r = KMS_OK_RESULT;
+    if (rec.state == KMS_VERSION_DEPRECATED && rec.grace_until != 0 && x->now >= rec.grace_until) {
+        rec.state = KMS_VERSION_DISABLED;
+        rec.grace_until = 0;
+        memcpy(x->uid, rec.uid, sizeof(x->uid));
+        kms_buf b KMS_DEFER(kms_buf_cleanup) = {0};
+        r = kms_rec_version_encode(&rec, &b);
+        if (kms_is_ok(r))
+            r = kms_txn_put(t, KMS_DB_VERSIONS, key, klen, b.data, b.len, false);
+        x->changed = kms_is_ok(r);
+    }
+    kms_secmem_wipe(&rec, sizeof(rec));
+    return r;
+}
+
+KMS_RESULT kms_version_expire_now(kms *k, const char *name, uint32_t version, int64_t now,
+                                  bool *changed)
+{
+    kms_expire_tx x = {.name = name, .version = version, .now = now};
+    KMS_GUARD(kms_write(k, kms_expire_txn, &x, true));
+    if (x.changed)
+        kms_hsm_cache_evict(k->hsm, x.uid);
+    *changed = x.changed;
+    return KMS_OK_RESULT;
+}
+
 KMS_RESULT kms_version_destroy_now(kms *k, const char *name, uint32_t version)
 {
     kms_destroy_tx x = {.name = name, .version = version, .now = kms_now(k)};

@@ -174,44 +174,6 @@ static kms_result kms_sweep_scan_txn(kms_txn *t, void *arg)
     return kms_txn_scan(t, KMS_DB_VERSIONS, NULL, 0, NULL, 0, kms_sweep_scan_fn, arg);
 }
 
-typedef struct {
-    const kms_sweep_item *it;
-    int64_t now;
-    bool changed;
-    uint8_t uid[KMS_HSM_UID_BYTES];
-} kms_grace_tx;
-
-/* Deprecated past its grace -> disabled, stored. Decided again inside the
- * transaction: the version may have been enabled since the scan. */
-static kms_result kms_grace_txn(kms_txn *t, void *arg)
-{
-    kms_grace_tx *x = arg;
-    x->changed = false;
-    uint8_t key[KMS_VERSION_KEY_MAX_BYTES];
-    size_t klen = kms_rec_version_key(x->it->name, x->it->version, key);
-    const uint8_t *v;
-    size_t vlen;
-    bool found;
-    KMS_GUARD(kms_txn_get(t, KMS_DB_VERSIONS, key, klen, &v, &vlen, &found));
-    if (!found)
-        return KMS_OK_RESULT;
-    kms_rec_version rec;
-    KMS_GUARD(kms_rec_version_decode(v, vlen, &rec));
-    kms_result r = KMS_OK_RESULT;
-    if (rec.state == KMS_VERSION_DEPRECATED && rec.grace_until != 0 && x->now >= rec.grace_until) {
-        rec.state = KMS_VERSION_DISABLED;
-        rec.grace_until = 0;
-        memcpy(x->uid, rec.uid, sizeof(x->uid));
-        kms_buf b KMS_DEFER(kms_buf_cleanup) = {0};
-        r = kms_rec_version_encode(&rec, &b);
-        if (kms_is_ok(r))
-            r = kms_txn_put(t, KMS_DB_VERSIONS, key, klen, b.data, b.len, false);
-        x->changed = kms_is_ok(r);
-    }
-    kms_secmem_wipe(&rec, sizeof(rec));
-    return r;
-}
-
 static kms_result kms_schedule_sweep(kms *k, int64_t now, kms_schedule_result *res)
 {
     kms_sweep_scan s = {.now = now, .items = calloc(KMS_SWEEP_MAX, sizeof(kms_sweep_item))};
@@ -229,14 +191,12 @@ static kms_result kms_schedule_sweep(kms *k, int64_t now, kms_schedule_result *r
             if (kms_is_ok(one))
                 res->destroyed++;
         } else {
-            kms_grace_tx x = {.it = &s.items[i], .now = now};
+            bool changed = false;
             pthread_mutex_lock(&k->admin_mu);
-            one = kms_write(k, kms_grace_txn, &x, true);
+            one = kms_version_expire_now(k, s.items[i].name, s.items[i].version, now, &changed);
             pthread_mutex_unlock(&k->admin_mu);
-            if (kms_is_ok(one) && x.changed) {
-                kms_hsm_cache_evict(k->hsm, x.uid);
+            if (kms_is_ok(one) && changed)
                 res->grace_expired++;
-            }
         }
         /* One version's failure does not hold up the others. */
         if (!kms_is_ok(one) && kms_is_ok(first))
