@@ -15,22 +15,28 @@
 
 /* ---- one record per request ---- */
 
+void kms_api_audit_record_fill(const kms_api_audit_event *e, kms_audit_record *r)
+{
+    memset(r, 0, sizeof(*r));
+    /* snprintf truncates to the field: record fields are bounded. */
+    snprintf(r->identity, sizeof(r->identity), "%s", e->identity != NULL ? e->identity : "");
+    snprintf(r->source, sizeof(r->source), "%s", e->source != NULL ? e->source : "");
+    snprintf(r->request_id, sizeof(r->request_id), "%s",
+             e->request_id != NULL ? e->request_id : "");
+    snprintf(r->operation, sizeof(r->operation), "%s", e->operation != NULL ? e->operation : "");
+    snprintf(r->key, sizeof(r->key), "%s", e->key != NULL ? e->key : "");
+    snprintf(r->result, sizeof(r->result), "%s", e->err == KMS_OK ? "ok" : kms_error_code(e->err));
+    r->version = e->version;
+    r->to_version = e->to_version;
+    r->items = e->items;
+    r->status = e->status > 0 && e->status < 1000 ? (uint16_t)e->status : 0;
+}
+
 KMS_RESULT kms_api_audit_event_append(kms *k, const kms_api_audit_event *e)
 {
     kms_audit_record r;
-    memset(&r, 0, sizeof(r));
-    /* snprintf truncates to the field: record fields are bounded. */
-    snprintf(r.identity, sizeof(r.identity), "%s", e->identity != NULL ? e->identity : "");
-    snprintf(r.source, sizeof(r.source), "%s", e->source != NULL ? e->source : "");
-    snprintf(r.request_id, sizeof(r.request_id), "%s", e->request_id != NULL ? e->request_id : "");
-    snprintf(r.operation, sizeof(r.operation), "%s", e->operation != NULL ? e->operation : "");
-    snprintf(r.key, sizeof(r.key), "%s", e->key != NULL ? e->key : "");
-    snprintf(r.result, sizeof(r.result), "%s", e->err == KMS_OK ? "ok" : kms_error_code(e->err));
-    r.version = e->version;
-    r.to_version = e->to_version;
-    r.items = e->items;
-    r.status = e->status > 0 && e->status < 1000 ? (uint16_t)e->status : 0;
-    return kms_audit_append(k, &r);
+    kms_api_audit_record_fill(e, &r);
+    return kms_audit_append_announced(k, &r, e->announced);
 }
 
 /* ---- GET /v1/audit ---- */

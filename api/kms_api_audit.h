@@ -45,7 +45,11 @@ typedef struct {
     uint32_t version, to_version, items;
     int status;
     kms_err err;
+    bool announced; /* the request was announced (kms_audit_announce) */
 } kms_api_audit_event;
+
+/* The audit record of one answered request. */
+void kms_api_audit_record_fill(const kms_api_audit_event *e, kms_audit_record *r);
 
 /* Appends the record of one answered request; KMS_ERR_AUDIT_UNAVAILABLE
  * when it could not be made durable (the response must then not be sent). */

@@ -24,7 +24,7 @@ void kms_config_defaults(kms_daemon_config *cfg)
     cfg->hsm_cache_capacity = 4096;
     cfg->workers_mode = KMS_WORKERS_PROCESSES;
     cfg->workers = 2;
-    cfg->process_threads = 32;
+    cfg->process_threads = 4;
     cfg->max_body_bytes = 1024 * 1024;
     cfg->max_batch_items = 1000;
     cfg->connection_timeout_s = 30;

@@ -222,6 +222,7 @@ struct kms_api_server {
     uint64_t trust_gen; /* bumped on every CA/CRL reload, under lock */
 
     _Atomic long inflight;
+    _Atomic long audit_waiting; /* suspended connections whose record is being committed */
     _Atomic bool draining;
     metrics own_metrics;
     metrics *m; /* own_metrics, or the block shared by all workers */
@@ -268,6 +269,15 @@ typedef struct {
     /* For the audit record (docs/audit.md). */
     uint32_t au_version, au_to_version, au_items;
     bool audited;
+    bool announced; /* announced to the audit's group commit, record not queued yet */
+    /* The answer held back, its connection suspended, while its record is
+     * committed (send_text); the committer stores the outcome and resumes
+     * the connection, and the next call of on_request sends it. */
+    struct MHD_Connection *mhd_conn;
+    struct MHD_Response *held;
+    int held_status;
+    _Atomic int au_outcome; /* 0 waiting, else 1 + the kms_err of the commit */
+    kms_audit_record au_rec;
 } req_ctx;
 
 /* ---- responses ---- */
@@ -341,14 +351,11 @@ static void audit_operation(const req_ctx *rq, char *out, size_t n)
     snprintf(out, n, "%s", name);
 }
 
-/* Appends the record of this answer; false if it could not be made
- * durable (the caller then answers 503 audit_unavailable instead). */
-static bool audit_answer(req_ctx *rq, int status)
+static void audit_event_of(req_ctx *rq, int status, char *op, size_t op_len, kms_api_audit_event *e)
 {
-    char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
-    audit_operation(rq, op, sizeof(op));
+    audit_operation(rq, op, op_len);
     bool known = rq->conn != NULL && rq->conn->verified > 0;
-    kms_api_audit_event e = {
+    *e = (kms_api_audit_event){
         .operation = op,
         .identity = known ? rq->conn->identity : "",
         .source = rq->conn != NULL ? rq->conn->addr : "",
@@ -359,40 +366,83 @@ static bool audit_answer(req_ctx *rq, int status)
         .items = rq->au_items,
         .status = status,
         .err = status >= 400 && rq->err == KMS_OK ? KMS_ERR_UNAVAILABLE : rq->err,
+        .announced = rq->announced,
     };
-    kms_result r = kms_api_audit_event_append(rq->s->k, &e);
-    if (!kms_is_ok(r)) {
-        kms_log(KMS_LOG_ERROR, "audit: request id=%s could not be recorded (%s): answering 503",
-                rq->rid, kms_error_detail());
-        return false;
+    rq->announced = false; /* queuing the record ends the announcement, whatever its result */
+}
+
+/* The answer that replaces one whose record could not be made durable:
+ * kmsd refuses rather than answer unaudited (issue 4). */
+static struct MHD_Response *audit_refusal(req_ctx *rq)
+{
+    rq->err = KMS_ERR_AUDIT_UNAVAILABLE;
+    kms_log(KMS_LOG_ERROR, "audit: request id=%s could not be recorded: answering 503", rq->rid);
+    char *text = kms_api_wipe_malloc(512);
+    if (text == NULL) {
+        return NULL;
     }
-    return true;
+    int n = snprintf(text, 512,
+                     "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"},"
+                     "\"request_id\":\"%s\"}\n",
+                     kms_error_code(KMS_ERR_AUDIT_UNAVAILABLE),
+                     kms_error_message(KMS_ERR_AUDIT_UNAVAILABLE), rq->rid);
+    size_t len = n > 0 && n < 512 ? (size_t)n : 0;
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer_with_free_callback(len, text, kms_api_wipe_free);
+    if (r == NULL) {
+        kms_api_wipe_free(text);
+        return NULL;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    MHD_add_response_header(r, "X-Request-Id", rq->rid);
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_RETRY_AFTER, "1");
+    return r;
+}
+
+static enum MHD_Result queue_answer(req_ctx *rq, struct MHD_Connection *conn, int status,
+                                    struct MHD_Response *r)
+{
+    rq->status = status;
+    rq->responded = true;
+    enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+/* On the audit's committer thread: the record of a held answer is durable
+ * (or failed). rq belongs to the suspended connection, which no other
+ * thread touches until it is resumed; after MHD_resume_connection rq may
+ * be gone at any moment. */
+static void audit_committed(void *arg, kms_err res)
+{
+    req_ctx *rq = arg;
+    kms_api_server *s = rq->s;
+    atomic_store(&rq->au_outcome, 1 + (int)res);
+    MHD_resume_connection(rq->mhd_conn);
+    atomic_fetch_sub(&s->audit_waiting, 1);
+}
+
+/* Sends an answer held for its audit record (on_request after resume). */
+static enum MHD_Result send_held(req_ctx *rq, struct MHD_Connection *conn)
+{
+    struct MHD_Response *r = rq->held;
+    int status = rq->held_status;
+    rq->held = NULL;
+    if (atomic_load(&rq->au_outcome) != 1 + KMS_OK) {
+        MHD_destroy_response(r);
+        status = kms_error_http_status(KMS_ERR_AUDIT_UNAVAILABLE);
+        r = audit_refusal(rq);
+        if (r == NULL) {
+            return MHD_NO;
+        }
+    }
+    return queue_answer(rq, conn, status, r);
 }
 
 static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int status, char *text,
                                  size_t len, const char *ctype)
 {
-    /* Issue 4: a record is durable before its response is sent, and kmsd
-     * refuses rather than answer unaudited. */
-    if (!rq->audited) {
-        rq->audited = true;
-        if (!audit_answer(rq, status)) {
-            kms_api_wipe_free(text);
-            rq->err = KMS_ERR_AUDIT_UNAVAILABLE;
-            status = kms_error_http_status(KMS_ERR_AUDIT_UNAVAILABLE);
-            text = kms_api_wipe_malloc(512);
-            if (text == NULL) {
-                return MHD_NO;
-            }
-            int n = snprintf(text, 512,
-                             "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"},"
-                             "\"request_id\":\"%s\"}\n",
-                             kms_error_code(KMS_ERR_AUDIT_UNAVAILABLE),
-                             kms_error_message(KMS_ERR_AUDIT_UNAVAILABLE), rq->rid);
-            len = n > 0 && n < 512 ? (size_t)n : 0;
-            ctype = "application/json";
-        }
-    }
     struct MHD_Response *r =
         MHD_create_response_from_buffer_with_free_callback(len, text, kms_api_wipe_free);
     if (r == NULL) {
@@ -411,11 +461,35 @@ static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int s
     if (atomic_load(&rq->s->draining)) {
         MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
     }
-    rq->status = status;
-    rq->responded = true;
-    enum MHD_Result ret = MHD_queue_response(conn, (unsigned)status, r);
-    MHD_destroy_response(r);
-    return ret;
+    if (rq->audited || !kms_audit_enabled(rq->s->k)) {
+        return queue_answer(rq, conn, status, r);
+    }
+    /* Issue 4: a record is durable before its response is sent. The
+     * answer is held and the connection suspended while the record's
+     * group commit runs, so that this server thread serves other
+     * connections meanwhile: requests in flight are bounded by
+     * connections, not threads, and more of them share each commit. */
+    rq->audited = true;
+    char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
+    kms_api_audit_event e;
+    audit_event_of(rq, status, op, sizeof(op), &e);
+    kms_api_audit_record_fill(&e, &rq->au_rec);
+    rq->held = r;
+    rq->held_status = status;
+    rq->mhd_conn = conn;
+    atomic_store(&rq->au_outcome, 0);
+    atomic_fetch_add(&rq->s->audit_waiting, 1);
+    /* Suspended before the record is queued: the committer's resume can
+     * then never come first. */
+    MHD_suspend_connection(conn);
+    kms_result ar = kms_audit_submit(rq->s->k, &rq->au_rec, e.announced, audit_committed, rq);
+    if (!kms_is_ok(ar)) {
+        /* Not queued, so no callback: resume here; send_held refuses. */
+        atomic_store(&rq->au_outcome, 1 + (int)KMS_ERR_AUDIT_UNAVAILABLE);
+        MHD_resume_connection(conn);
+        atomic_fetch_sub(&rq->s->audit_waiting, 1);
+    }
+    return MHD_YES;
 }
 
 /* Serialises doc into a wiping allocation (it may hold base64 plaintext)
@@ -1584,6 +1658,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         rq->status = 0;
         clock_gettime(CLOCK_MONOTONIC, &rq->start);
         atomic_fetch_add(&s->inflight, 1);
+        /* Its record will be queued within microseconds of its answer:
+         * the audit's committer waits briefly for announced records so
+         * that concurrent requests share one synced commit. */
+        kms_audit_announce(s->k);
+        rq->announced = true;
         if (!kms_is_ok(kms_rand_id_hex(rq->rid))) {
             memcpy(rq->rid, "0", 2);
         }
@@ -1648,6 +1727,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             kms_buf_init(&rq->body, s->cfg.max_body_bytes);
         }
         return MHD_YES;
+    }
+    if (rq->held != NULL) {
+        /* Resumed: the answer's audit record is committed (or failed). */
+        *upload_data_size = 0;
+        return send_held(rq, conn);
     }
     if (rq->responded) {
         *upload_data_size = 0; /* discard the rest of a refused request */
@@ -1734,6 +1818,12 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                    ? " aborted=shutdown"
                    : (toe == MHD_REQUEST_TERMINATED_CLIENT_ABORT ? " aborted=client" : " aborted"))
             : "");
+    if (rq->announced) {
+        kms_audit_withdraw(s->k); /* ended without an answer (client gone, shutdown) */
+    }
+    if (rq->held != NULL) {
+        MHD_destroy_response(rq->held); /* resumed by shutdown, never sent */
+    }
     kms_buf_free(&rq->body);
     free(rq);
     *con_cls = NULL;
@@ -1852,7 +1942,7 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
 
     for (size_t i = 0; i < n; i++) {
         unsigned flags = MHD_USE_TLS | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL |
-                         MHD_USE_ITC | MHD_USE_ERROR_LOG;
+                         MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
         struct MHD_OptionItem opts[] = {
             {MHD_OPTION_LISTEN_SOCKET, fds[i], NULL},
             {MHD_OPTION_HTTPS_CERT_CALLBACK, 0, (void *)kms_api_tls_cert_retrieve},
@@ -1924,6 +2014,23 @@ KMS_RESULT kms_api_server_reload(kms_api_server *s)
     return first;
 }
 
+/* A suspended connection's request must outlive the committer's callback,
+ * and MHD_stop_daemon frees the connections it finds: wait for every
+ * record being committed (the committer answers each one, failed or not;
+ * it is only stopped after the server). */
+static void audit_waiting_drain(kms_api_server *s)
+{
+    long waited_ms = 0;
+    while (atomic_load(&s->audit_waiting) > 0) {
+        struct timespec d = {0, 1000000L};
+        nanosleep(&d, NULL);
+        if (++waited_ms % 5000 == 0) {
+            kms_log(KMS_LOG_WARN, "shutdown: still waiting for %ld audit record(s) to commit",
+                    (long)atomic_load(&s->audit_waiting));
+        }
+    }
+}
+
 void kms_api_server_shutdown(kms_api_server *s)
 {
     atomic_store(&s->draining, true);
@@ -1949,6 +2056,7 @@ void kms_api_server_shutdown(kms_api_server *s)
         kms_log(KMS_LOG_WARN, "drain timeout: %ld requests still in flight",
                 (long)atomic_load(&s->inflight));
     }
+    audit_waiting_drain(s);
     for (size_t i = 0; i < s->daemon_count; i++) {
         MHD_stop_daemon(s->daemons[i]);
         s->daemons[i] = NULL;
@@ -1961,6 +2069,7 @@ void kms_api_server_free(kms_api_server *s)
     if (s == NULL) {
         return;
     }
+    audit_waiting_drain(s);
     for (size_t i = 0; i < s->daemon_count; i++) {
         MHD_stop_daemon(s->daemons[i]);
     }

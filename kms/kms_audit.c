@@ -8,11 +8,12 @@
  *   meta["audit.head.<seq>"] = signed heads (u64 BE seq in the key)
  *   meta["audit.sigkey"]     = CKA_ID of the HSM signing key pair
  *
- * Group commit: request threads queue a waiter and block on it; one
- * committer thread per process takes everything queued, writes it in one
- * write transaction (which reads the tail, so processes sharing the store
- * extend one chain: LMDB serialises their writers), commits with sync, and
- * wakes the waiters with the result.
+ * Group commit: request threads queue a waiter (and either block on it or,
+ * through kms_audit_submit, go on and are called back); one committer
+ * thread per process begins a write transaction, takes everything queued
+ * at that moment, writes it (reading the tail inside the transaction, so
+ * processes sharing the store extend one chain: LMDB serialises their
+ * writers), commits with sync, and tells each waiter the result.
  */
 #define _GNU_SOURCE
 #include "kms_audit.h"
@@ -31,10 +32,12 @@
 #include <string.h>
 #include <time.h>
 
-#define AUDIT_BATCH_MAX        4096
-#define AUDIT_SIGN_EVERY_N     10000u
-#define AUDIT_SIGN_EVERY_S     300
-#define AUDIT_PROBE_EVERY_MS   500
+#define AUDIT_BATCH_MAX      4096
+#define AUDIT_SIGN_EVERY_N   10000u
+#define AUDIT_SIGN_EVERY_S   300
+#define AUDIT_PROBE_EVERY_MS 500
+/* Longest wait for announced records before a commit (see gather below). */
+#define AUDIT_GATHER_MAX_NS    1000000L
 #define AUDIT_PRUNE_BATCH      20000
 #define AUDIT_PRUNE_EVERY_S    3600
 #define AUDIT_HEAD_VALUE_BYTES (8 + KMS_AUDIT_HASH_BYTES + 8 + 2 + KMS_AUDIT_SIG_MAX_BYTES)
@@ -47,8 +50,8 @@ static const char audit_head_prefix[] = "audit.head.";
 
 typedef struct audit_waiter {
     kms_audit_record *rec;
-    kms_result res;
-    bool done;
+    kms_audit_done_fn done; /* called once, on the committer thread */
+    void *arg;
     struct audit_waiter *next;
 } audit_waiter;
 
@@ -58,8 +61,13 @@ struct kms_audit {
 
     pthread_mutex_t mu;
     pthread_cond_t work; /* committer waits: queue non-empty or stop */
-    pthread_cond_t done; /* writers wait: their waiter done */
     audit_waiter *head, *tail;
+    /* Group-commit hint: requests announced (kms_audit_announce) whose
+     * record is not queued yet, and whether the committer is waiting for
+     * them. */
+    uint64_t outstanding;
+    bool gathering;
+    int64_t last_commit_ns;
     bool stopping;
     bool failed; /* the last commit failed; cleared by a successful probe/commit */
     pthread_t thread;
@@ -555,15 +563,44 @@ KMS_RESULT kms_audit_heads_list(kms *k, uint64_t from_seq, uint64_t to_seq, size
 /* ---- append: the committer ---- */
 
 typedef struct {
-    audit_waiter *list;
+    struct kms_audit *a;
+    audit_waiter *list; /* taken from the queue inside the first attempt */
     size_t count;
     uint64_t last_seq;
     kms_buf scratch;
 } audit_batch;
 
+/* Moves up to AUDIT_BATCH_MAX queued waiters into b. */
+static void audit_batch_take(audit_batch *b)
+{
+    struct kms_audit *a = b->a;
+    pthread_mutex_lock(&a->mu);
+    audit_waiter *first = a->head, *last = first;
+    size_t count = first != NULL ? 1 : 0;
+    while (last != NULL && last->next != NULL && count < AUDIT_BATCH_MAX) {
+        last = last->next;
+        count++;
+    }
+    if (last != NULL) {
+        a->head = last->next;
+        if (a->head == NULL)
+            a->tail = NULL;
+        last->next = NULL;
+    }
+    pthread_mutex_unlock(&a->mu);
+    b->list = first;
+    b->count = count;
+}
+
 static kms_result audit_batch_write(kms_txn *t, void *argp)
 {
     audit_batch *b = argp;
+    /* The batch is taken only now, with LMDB's writer lock held: while this
+     * committer waited for the lock (another process committing), more
+     * records were queued, and they ride along instead of waiting for one
+     * more commit. A retry (map grown) keeps the batch it took. */
+    if (b->list == NULL)
+        audit_batch_take(b);
     uint64_t seq;
     uint8_t hash[KMS_AUDIT_HASH_BYTES];
     /* Inside the write transaction: another process's committer may have
@@ -643,22 +680,64 @@ static void audit_maybe_prune(kms *k)
                 kms_error_detail());
 }
 
+/* A CLOCK_MONOTONIC deadline ns from now (the work condition uses it). */
+static struct timespec audit_deadline(long ns)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_nsec += ns;
+    while (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
+}
+
+/* Tells every waiter of a list its result and frees it. */
+static void audit_release(audit_waiter *list, kms_err res)
+{
+    /* Each waiter is told on its own (no broadcast that wakes the writers
+     * still queued for the next commit). */
+    for (audit_waiter *w = list; w != NULL;) {
+        audit_waiter *next = w->next;
+        w->done(w->arg, res);
+        free(w);
+        w = next;
+    }
+}
+
 static void *audit_committer(void *argp)
 {
     kms *k = argp;
     struct kms_audit *a = k->audit;
-    audit_batch b = {0};
+    audit_batch b = {.a = a};
+    /* The last batch committed, whose meta page is not synced yet
+     * (kms_store_write_deferred): durable once the next commit's data sync
+     * or an explicit sync has run, and only then released. Under load
+     * every commit thus costs one sync instead of two; when the queue runs
+     * dry the held batch is synced at once. */
+    audit_waiter *held = NULL;
+    size_t held_count = 0;
     kms_buf_init(&b.scratch, 2 * KMS_AUDIT_RECORD_MAX_BYTES);
     pthread_mutex_lock(&a->mu);
     for (;;) {
+        if (held != NULL && a->head == NULL) {
+            pthread_mutex_unlock(&a->mu);
+            kms_result sr = kms_store_sync(k->store);
+            if (!kms_is_ok(sr))
+                fprintf(stderr, "kmsd: audit: syncing %zu record(s) failed: %s (%s)\n", held_count,
+                        kms_error_code(sr.err), kms_error_detail());
+            audit_release(held, kms_is_ok(sr) ? KMS_OK : KMS_ERR_AUDIT_UNAVAILABLE);
+            if (kms_is_ok(sr))
+                audit_maybe_sign(k, held_count);
+            held = NULL;
+            held_count = 0;
+            pthread_mutex_lock(&a->mu);
+            a->failed = !kms_is_ok(sr);
+            continue;
+        }
         while (a->head == NULL && !a->stopping) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += AUDIT_PROBE_EVERY_MS * 1000000L;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
+            struct timespec ts = audit_deadline(AUDIT_PROBE_EVERY_MS * 1000000L);
             int rc = pthread_cond_timedwait(&a->work, &a->mu, &ts);
             if (rc == ETIMEDOUT) {
                 bool failed = a->failed;
@@ -679,42 +758,55 @@ static void *audit_committer(void *argp)
         }
         if (a->head == NULL && a->stopping)
             break;
-        /* Take up to AUDIT_BATCH_MAX waiters. */
-        audit_waiter *first = a->head, *last = first;
-        size_t count = 1;
-        while (last->next != NULL && count < AUDIT_BATCH_MAX) {
-            last = last->next;
-            count++;
+        /* Gather: requests announced as being processed will queue their
+         * records within microseconds. Waiting for them, at most about as
+         * long as one commit takes, lets them share this commit and its
+         * sync instead of each paying for one of their own; with nothing
+         * announced (one client, idle service) the commit starts at once. */
+        if (a->outstanding > 0 && a->last_commit_ns > 0 && !a->stopping) {
+            long wait = a->last_commit_ns < AUDIT_GATHER_MAX_NS ? (long)a->last_commit_ns
+                                                                : AUDIT_GATHER_MAX_NS;
+            struct timespec ts = audit_deadline(wait);
+            a->gathering = true;
+            while (a->outstanding > 0 && !a->stopping) {
+                if (pthread_cond_timedwait(&a->work, &a->mu, &ts) == ETIMEDOUT)
+                    break;
+            }
+            a->gathering = false;
         }
-        a->head = last->next;
-        if (a->head == NULL)
-            a->tail = NULL;
-        last->next = NULL;
         pthread_mutex_unlock(&a->mu);
 
-        b.list = first;
-        b.count = count;
-        kms_result r = kms_store_write(k->store, audit_batch_write, &b);
-        if (!kms_is_ok(r)) {
-            fprintf(stderr, "kmsd: audit: writing %zu record(s) failed: %s (%s)\n", count,
-                    kms_error_code(r.err), kms_error_detail());
-            r = kms_error_raisef(KMS_ERR_AUDIT_UNAVAILABLE, __FILE__, __LINE__,
-                                 "audit write failed: %s", kms_error_code(r.err));
+        b.list = NULL;
+        b.count = 0;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        kms_result r = kms_store_write_deferred(k->store, audit_batch_write, &b);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+        if (b.list == NULL) /* the transaction never started: fail what is queued */
+            audit_batch_take(&b);
+        if (held != NULL) {
+            /* A successful commit synced its data pages after the held
+             * batch's meta page was written: the held batch is durable.
+             * After a failed one, sync explicitly. */
+            kms_result hr = kms_is_ok(r) ? KMS_OK_RESULT : kms_store_sync(k->store);
+            audit_release(held, kms_is_ok(hr) ? KMS_OK : KMS_ERR_AUDIT_UNAVAILABLE);
+            if (kms_is_ok(hr))
+                audit_maybe_sign(k, held_count);
+            held = NULL;
+            held_count = 0;
         }
-
+        if (kms_is_ok(r)) {
+            held = b.list;
+            held_count = b.count;
+        } else {
+            fprintf(stderr, "kmsd: audit: writing %zu record(s) failed: %s (%s)\n", b.count,
+                    kms_error_code(r.err), kms_error_detail());
+            audit_release(b.list, KMS_ERR_AUDIT_UNAVAILABLE);
+        }
         pthread_mutex_lock(&a->mu);
         a->failed = !kms_is_ok(r);
-        for (audit_waiter *w = first; w != NULL;) {
-            audit_waiter *next = w->next;
-            w->res = r;
-            w->done = true;
-            w = next;
-        }
-        pthread_cond_broadcast(&a->done);
-        pthread_mutex_unlock(&a->mu);
-        if (kms_is_ok(r))
-            audit_maybe_sign(k, count);
-        pthread_mutex_lock(&a->mu);
+        a->last_commit_ns = took;
     }
     pthread_mutex_unlock(&a->mu);
     kms_buf_free(&b.scratch);
@@ -732,13 +824,13 @@ static void audit_copy(char *dst, size_t cap, const char *src)
     dst[n] = 0;
 }
 
-KMS_RESULT kms_audit_append(kms *k, kms_audit_record *r)
+KMS_RESULT kms_audit_submit(kms *k, kms_audit_record *r, bool announced, kms_audit_done_fn done,
+                            void *arg)
 {
-    KMS_ENSURE(k != NULL && r != NULL, KMS_ERR_INVALID_ARGUMENT);
+    KMS_ENSURE(k != NULL && r != NULL && done != NULL, KMS_ERR_INVALID_ARGUMENT);
     struct kms_audit *a = k->audit;
     KMS_ENSURE_MSG(a != NULL, KMS_ERR_AUDIT_UNAVAILABLE, "audit not started");
-    if (!a->cfg.enabled)
-        return KMS_OK_RESULT;
+    KMS_ENSURE(a->cfg.enabled, KMS_ERR_INVALID_ARGUMENT);
     /* Terminate every field where its array ends (callers fill them with
      * strncpy-like copies; a missing NUL must not run into the next). */
     audit_copy(r->identity, sizeof(r->identity), r->identity);
@@ -749,22 +841,94 @@ KMS_RESULT kms_audit_append(kms *k, kms_audit_record *r)
     audit_copy(r->result, sizeof(r->result), r->result);
     if (r->time == 0)
         r->time = kms_now(k);
-    audit_waiter w = {.rec = r};
+    audit_waiter *w = malloc(sizeof(*w));
+    KMS_ENSURE(w != NULL, KMS_ERR_NO_MEMORY);
+    *w = (audit_waiter){.rec = r, .done = done, .arg = arg};
     pthread_mutex_lock(&a->mu);
+    if (announced && a->outstanding > 0)
+        a->outstanding--;
     if (a->stopping) {
+        if (a->gathering && a->outstanding == 0)
+            pthread_cond_signal(&a->work);
         pthread_mutex_unlock(&a->mu);
+        free(w);
         KMS_BAIL_MSG(KMS_ERR_AUDIT_UNAVAILABLE, "audit stopping");
     }
+    bool idle = a->head == NULL;
     if (a->tail != NULL)
-        a->tail->next = &w;
+        a->tail->next = w;
     else
-        a->head = &w;
-    a->tail = &w;
-    pthread_cond_signal(&a->work);
-    while (!w.done)
-        pthread_cond_wait(&a->done, &a->mu);
+        a->head = w;
+    a->tail = w;
+    /* The committer sleeps on an empty queue, or gathers until the last
+     * announced record arrives: one signal per batch either way. */
+    if (idle || (a->gathering && a->outstanding == 0))
+        pthread_cond_signal(&a->work);
     pthread_mutex_unlock(&a->mu);
-    if (!kms_is_ok(w.res))
+    return KMS_OK_RESULT;
+}
+
+void kms_audit_announce(kms *k)
+{
+    struct kms_audit *a = k != NULL ? k->audit : NULL;
+    if (a == NULL || !a->cfg.enabled)
+        return;
+    pthread_mutex_lock(&a->mu);
+    a->outstanding++;
+    pthread_mutex_unlock(&a->mu);
+}
+
+void kms_audit_withdraw(kms *k)
+{
+    struct kms_audit *a = k != NULL ? k->audit : NULL;
+    if (a == NULL || !a->cfg.enabled)
+        return;
+    pthread_mutex_lock(&a->mu);
+    if (a->outstanding > 0)
+        a->outstanding--;
+    if (a->gathering && a->outstanding == 0)
+        pthread_cond_signal(&a->work);
+    pthread_mutex_unlock(&a->mu);
+}
+
+/* A blocking append is a submit and a wait on a condition of its own. */
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool done;
+    kms_err res;
+} audit_sync;
+
+static void audit_sync_done(void *arg, kms_err res)
+{
+    audit_sync *s = arg;
+    pthread_mutex_lock(&s->mu);
+    s->res = res;
+    s->done = true;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+KMS_RESULT kms_audit_append(kms *k, kms_audit_record *r)
+{
+    return kms_audit_append_announced(k, r, false);
+}
+
+KMS_RESULT kms_audit_append_announced(kms *k, kms_audit_record *r, bool announced)
+{
+    KMS_ENSURE(k != NULL && r != NULL, KMS_ERR_INVALID_ARGUMENT);
+    KMS_ENSURE_MSG(k->audit != NULL, KMS_ERR_AUDIT_UNAVAILABLE, "audit not started");
+    if (!k->audit->cfg.enabled)
+        return KMS_OK_RESULT;
+    audit_sync s = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+    KMS_GUARD(kms_audit_submit(k, r, announced, audit_sync_done, &s));
+    pthread_mutex_lock(&s.mu);
+    while (!s.done)
+        pthread_cond_wait(&s.cv, &s.mu);
+    pthread_mutex_unlock(&s.mu);
+    pthread_cond_destroy(&s.cv);
+    pthread_mutex_destroy(&s.mu);
+    if (s.res != KMS_OK)
         return kms_error_raisef(KMS_ERR_AUDIT_UNAVAILABLE, __FILE__, __LINE__,
                                 "the audit record could not be written");
     return KMS_OK_RESULT;
@@ -808,8 +972,11 @@ KMS_RESULT kms_audit_start(kms *k, const kms_audit_config *cfg)
     }
     pthread_mutex_init(&a->mu, NULL);
     pthread_mutex_init(&a->sign_mu, NULL);
-    pthread_cond_init(&a->work, NULL);
-    pthread_cond_init(&a->done, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&a->work, &ca);
+    pthread_condattr_destroy(&ca);
     a->last_signed = kms_now(k);
     /* The first pruning a minute after start, then hourly. */
     a->last_pruned = a->last_signed - AUDIT_PRUNE_EVERY_S + 60;
@@ -842,7 +1009,6 @@ void kms_audit_stop(kms *k)
         (void)r;
     }
     pthread_cond_destroy(&a->work);
-    pthread_cond_destroy(&a->done);
     pthread_mutex_destroy(&a->sign_mu);
     pthread_mutex_destroy(&a->mu);
     k->audit = NULL;

@@ -92,6 +92,36 @@ KMS_RESULT kms_audit_ready(kms *k);
  * truncated to their fields. KMS_ERR_AUDIT_UNAVAILABLE if the record
  * could not be written. */
 KMS_RESULT kms_audit_append(kms *k, kms_audit_record *r);
+/* The same for a record announced with kms_audit_announce: the
+ * announcement ends when the record is queued. */
+KMS_RESULT kms_audit_append_announced(kms *k, kms_audit_record *r, bool announced);
+
+/* Called exactly once, on the audit's committer thread, when the record
+ * submitted with it is durable (res KMS_OK) or could not be written
+ * (KMS_ERR_AUDIT_UNAVAILABLE). It must be quick and must not block or call
+ * into the audit. */
+typedef void (*kms_audit_done_fn)(void *arg, kms_err res);
+
+/* The asynchronous form of kms_audit_append, for callers that must not
+ * hold a thread while the record is committed (kmsd suspends the request's
+ * connection instead). Queues r and returns at once; r must stay valid and
+ * untouched until done(arg, ...) runs (announced: see kms_audit_announce), which sets r->seq,
+ * r->time and r->hash as kms_audit_append does. Fails without calling done when the audit is not
+ * started, is stopping or is off (the audit is off: nothing to wait for, callers check
+ * kms_audit_enabled first). */
+KMS_RESULT kms_audit_submit(kms *k, kms_audit_record *r, bool announced, kms_audit_done_fn done,
+                            void *arg);
+
+/* Group-commit hint. A caller that will produce a record soon (kmsd: a
+ * request has arrived) announces it; before each commit the committer
+ * waits, at most about as long as its last commit took (and never over
+ * 1 ms), for the records of announced requests, so that concurrent
+ * requests share one synced commit instead of paying for one each. Every
+ * announcement is matched by exactly one kms_audit_submit with announced =
+ * true, or by kms_audit_withdraw when no record follows. Without
+ * announcements every commit starts at once. No-ops when the audit is off. */
+void kms_audit_announce(kms *k);
+void kms_audit_withdraw(kms *k);
 
 /* Records matching f in sequence order, at most the limit. *out is
  * malloc'd (NULL when *n is 0); free() it. Page on with

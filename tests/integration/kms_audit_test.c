@@ -328,12 +328,116 @@ static void test_not_started_and_off(void **state)
     kms_fx_free(f);
 }
 
+/* kms_audit_submit: the asynchronous form kmsd uses (its request
+ * threads do not wait for the commit). Every record is answered exactly
+ * once, in submission order, and extends the chain; a submit that cannot
+ * be queued fails at once and never calls back. */
+#define SUBMITS 300
+
+typedef struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    unsigned done, ok;
+    uint64_t last_seq;
+    bool in_order;
+} submit_state;
+
+typedef struct {
+    submit_state *st;
+    kms_audit_record rec;
+} submit_item;
+
+static void submit_done(void *arg, kms_err res)
+{
+    submit_item *it = arg;
+    submit_state *st = it->st;
+    pthread_mutex_lock(&st->mu);
+    if (res == KMS_OK) {
+        st->ok++;
+        if (it->rec.seq != st->last_seq + 1)
+            st->in_order = false;
+        st->last_seq = it->rec.seq;
+    }
+    st->done++;
+    pthread_cond_signal(&st->cv);
+    pthread_mutex_unlock(&st->mu);
+}
+
+static void test_submit_async(void **state)
+{
+    (void)state;
+    kms_fx *f = kms_fx_new(0);
+    submit_state st = {
+        .mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER, .in_order = true};
+    submit_item *items = calloc(SUBMITS, sizeof(*items));
+    assert_non_null(items);
+    /* Not started: refused, no callback. */
+    rec_fill(&items[0].rec, "app", "wrap", "orders", 1);
+    items[0].st = &st;
+    assert_err(kms_audit_submit(f->k, &items[0].rec, false, submit_done, &items[0]),
+               KMS_ERR_AUDIT_UNAVAILABLE);
+    assert_ok(kms_audit_start(f->k, &audit_on));
+    for (unsigned i = 0; i < SUBMITS; i++) {
+        items[i].st = &st;
+        rec_fill(&items[i].rec, "app", i % 2 ? "unwrap" : "wrap", "orders", i + 1);
+        /* Half of them announced first, as kmsd does for each request. */
+        bool announced = i % 2 == 0;
+        if (announced)
+            kms_audit_announce(f->k);
+        assert_ok(kms_audit_submit(f->k, &items[i].rec, announced, submit_done, &items[i]));
+    }
+    pthread_mutex_lock(&st.mu);
+    while (st.done < SUBMITS)
+        pthread_cond_wait(&st.cv, &st.mu);
+    pthread_mutex_unlock(&st.mu);
+    assert_int_equal(st.ok, SUBMITS);
+    assert_true(st.in_order);
+    assert_int_equal(st.last_seq, SUBMITS);
+    chain_verify(f->k, SUBMITS);
+    kms_audit_stop(f->k);
+    assert_err(kms_audit_submit(f->k, &items[0].rec, false, submit_done, &items[0]),
+               KMS_ERR_AUDIT_UNAVAILABLE);
+    assert_int_equal(st.done, SUBMITS);
+    free(items);
+    kms_fx_free(f);
+}
+
+/* An announced request that never produces a record (its client went
+ * away) must not hold commits back for more than the gather bound, and a
+ * withdrawal ends it. Sequential appends behind it all complete, and
+ * withdrawing more than was announced is harmless. */
+static void test_announce_never_blocks(void **state)
+{
+    (void)state;
+    kms_fx *f = kms_fx_new(0);
+    assert_ok(kms_audit_start(f->k, &audit_on));
+    kms_audit_announce(f->k);
+    kms_audit_announce(f->k);
+    for (unsigned i = 0; i < 20; i++) {
+        kms_audit_record r;
+        rec_fill(&r, "app", "wrap", "orders", i + 1);
+        assert_ok(kms_audit_append(f->k, &r));
+        assert_int_equal(r.seq, i + 1);
+    }
+    kms_audit_withdraw(f->k);
+    kms_audit_withdraw(f->k);
+    kms_audit_withdraw(f->k);
+    kms_audit_record r;
+    rec_fill(&r, "app", "wrap", "orders", 21);
+    kms_audit_announce(f->k);
+    assert_ok(kms_audit_append_announced(f->k, &r, true));
+    assert_int_equal(r.seq, 21);
+    chain_verify(f->k, 21);
+    kms_fx_free(f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_group_commit_chain),  cmocka_unit_test(test_escaping_roundtrip),
-        cmocka_unit_test(test_prune_anchor),        cmocka_unit_test(test_store_full_refuses),
-        cmocka_unit_test(test_not_started_and_off),
+        cmocka_unit_test(test_group_commit_chain),    cmocka_unit_test(test_escaping_roundtrip),
+        cmocka_unit_test(test_prune_anchor),          cmocka_unit_test(test_store_full_refuses),
+        cmocka_unit_test(test_not_started_and_off),   cmocka_unit_test(test_submit_async),
+        cmocka_unit_test(test_announce_never_blocks),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
