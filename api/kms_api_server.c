@@ -222,7 +222,9 @@ struct kms_api_server {
     uint64_t trust_gen; /* bumped on every CA/CRL reload, under lock */
 
     _Atomic long inflight;
-    _Atomic long audit_waiting; /* suspended connections whose record is being committed */
+    _Atomic long audit_waiting; /* records of held answers not yet called back */
+    _Atomic long held;          /* answers held (connection suspended) and not yet sent */
+    _Atomic bool no_suspend;    /* stopping: answers are audited without suspending */
     _Atomic bool draining;
     metrics own_metrics;
     metrics *m; /* own_metrics, or the block shared by all workers */
@@ -429,6 +431,7 @@ static enum MHD_Result send_held(req_ctx *rq, struct MHD_Connection *conn)
     struct MHD_Response *r = rq->held;
     int status = rq->held_status;
     rq->held = NULL;
+    atomic_fetch_sub(&rq->s->held, 1);
     if (atomic_load(&rq->au_outcome) != 1 + KMS_OK) {
         MHD_destroy_response(r);
         status = kms_error_http_status(KMS_ERR_AUDIT_UNAVAILABLE);
@@ -462,6 +465,28 @@ static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int s
         MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
     }
     if (rq->audited || !kms_audit_enabled(rq->s->k)) {
+        return queue_answer(rq, conn, status, r);
+    }
+    /* Counted before the check, so that held_drain either sees this
+     * answer or this request sees no_suspend (both sequentially
+     * consistent). */
+    atomic_fetch_add(&rq->s->held, 1);
+    if (atomic_load(&rq->s->no_suspend)) {
+        /* Shutting down: libmicrohttpd must not be stopped with a
+         * suspended connection, so wait for the record on this thread. */
+        atomic_fetch_sub(&rq->s->held, 1);
+        rq->audited = true;
+        char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
+        kms_api_audit_event e;
+        audit_event_of(rq, status, op, sizeof(op), &e);
+        if (!kms_is_ok(kms_api_audit_event_append(rq->s->k, &e))) {
+            MHD_destroy_response(r);
+            status = kms_error_http_status(KMS_ERR_AUDIT_UNAVAILABLE);
+            r = audit_refusal(rq);
+            if (r == NULL) {
+                return MHD_NO;
+            }
+        }
         return queue_answer(rq, conn, status, r);
     }
     /* Issue 4: a record is durable before its response is sent. The
@@ -1822,7 +1847,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         kms_audit_withdraw(s->k); /* ended without an answer (client gone, shutdown) */
     }
     if (rq->held != NULL) {
-        MHD_destroy_response(rq->held); /* resumed by shutdown, never sent */
+        MHD_destroy_response(rq->held); /* resumed, connection gone before it was sent */
+        atomic_fetch_sub(&s->held, 1);
     }
     kms_buf_free(&rq->body);
     free(rq);
@@ -2014,19 +2040,21 @@ KMS_RESULT kms_api_server_reload(kms_api_server *s)
     return first;
 }
 
-/* A suspended connection's request must outlive the committer's callback,
- * and MHD_stop_daemon frees the connections it finds: wait for every
- * record being committed (the committer answers each one, failed or not;
- * it is only stopped after the server). */
-static void audit_waiting_drain(kms_api_server *s)
+/* libmicrohttpd must not be stopped while a connection is suspended (it
+ * aborts), and a held request must outlive the committer's callback. From
+ * here on answers are audited without suspending; then wait until every
+ * held answer has been called back and sent (the committer answers each
+ * record, failed or not; it is stopped only after the server). */
+static void held_drain(kms_api_server *s)
 {
+    atomic_store(&s->no_suspend, true);
     long waited_ms = 0;
-    while (atomic_load(&s->audit_waiting) > 0) {
+    while (atomic_load(&s->held) > 0 || atomic_load(&s->audit_waiting) > 0) {
         struct timespec d = {0, 1000000L};
         nanosleep(&d, NULL);
         if (++waited_ms % 5000 == 0) {
-            kms_log(KMS_LOG_WARN, "shutdown: still waiting for %ld audit record(s) to commit",
-                    (long)atomic_load(&s->audit_waiting));
+            kms_log(KMS_LOG_WARN, "shutdown: still waiting for %ld held answer(s)",
+                    (long)atomic_load(&s->held));
         }
     }
 }
@@ -2056,7 +2084,7 @@ void kms_api_server_shutdown(kms_api_server *s)
         kms_log(KMS_LOG_WARN, "drain timeout: %ld requests still in flight",
                 (long)atomic_load(&s->inflight));
     }
-    audit_waiting_drain(s);
+    held_drain(s);
     for (size_t i = 0; i < s->daemon_count; i++) {
         MHD_stop_daemon(s->daemons[i]);
         s->daemons[i] = NULL;
@@ -2069,7 +2097,7 @@ void kms_api_server_free(kms_api_server *s)
     if (s == NULL) {
         return;
     }
-    audit_waiting_drain(s);
+    held_drain(s);
     for (size_t i = 0; i < s->daemon_count; i++) {
         MHD_stop_daemon(s->daemons[i]);
     }
