@@ -724,16 +724,19 @@ static void *audit_committer(void *argp)
         if (held != NULL && a->head == NULL) {
             pthread_mutex_unlock(&a->mu);
             kms_result sr = kms_store_sync(k->store);
-            if (!kms_is_ok(sr))
+            if (!kms_is_ok(sr)) {
                 fprintf(stderr, "kmsd: audit: syncing %zu record(s) failed: %s (%s)\n", held_count,
                         kms_error_code(sr.err), kms_error_detail());
+                pthread_mutex_lock(&a->mu);
+                a->failed = true;
+                pthread_mutex_unlock(&a->mu);
+            }
             audit_release(held, kms_is_ok(sr) ? KMS_OK : KMS_ERR_AUDIT_UNAVAILABLE);
             if (kms_is_ok(sr))
                 audit_maybe_sign(k, held_count);
             held = NULL;
             held_count = 0;
             pthread_mutex_lock(&a->mu);
-            a->failed = !kms_is_ok(sr);
             continue;
         }
         while (a->head == NULL && !a->stopping) {
@@ -785,6 +788,12 @@ static void *audit_committer(void *argp)
         int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
         if (b.list == NULL) /* the transaction never started: fail what is queued */
             audit_batch_take(&b);
+        /* A failure is visible to kms_audit_ready before any waiter
+         * learns of it. */
+        pthread_mutex_lock(&a->mu);
+        a->failed = !kms_is_ok(r);
+        a->last_commit_ns = took;
+        pthread_mutex_unlock(&a->mu);
         if (held != NULL) {
             /* A successful commit synced its data pages after the held
              * batch's meta page was written: the held batch is durable.
@@ -805,8 +814,6 @@ static void *audit_committer(void *argp)
             audit_release(b.list, KMS_ERR_AUDIT_UNAVAILABLE);
         }
         pthread_mutex_lock(&a->mu);
-        a->failed = !kms_is_ok(r);
-        a->last_commit_ns = took;
     }
     pthread_mutex_unlock(&a->mu);
     kms_buf_free(&b.scratch);
