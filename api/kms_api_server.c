@@ -425,14 +425,12 @@ static void audit_committed(void *arg, kms_err res)
     atomic_fetch_sub(&s->audit_waiting, 1);
 }
 
-/* Sends an answer held for its audit record (on_request after resume). */
-static enum MHD_Result send_held(req_ctx *rq, struct MHD_Connection *conn)
+/* Sends r once its record's fate is known: as it is when the record is
+ * durable, else the audit refusal in its place. */
+static enum MHD_Result queue_audited(req_ctx *rq, struct MHD_Connection *conn, int status,
+                                     struct MHD_Response *r, bool durable)
 {
-    struct MHD_Response *r = rq->held;
-    int status = rq->held_status;
-    rq->held = NULL;
-    atomic_fetch_sub(&rq->s->held, 1);
-    if (atomic_load(&rq->au_outcome) != 1 + KMS_OK) {
+    if (!durable) {
         MHD_destroy_response(r);
         status = kms_error_http_status(KMS_ERR_AUDIT_UNAVAILABLE);
         r = audit_refusal(rq);
@@ -441,6 +439,15 @@ static enum MHD_Result send_held(req_ctx *rq, struct MHD_Connection *conn)
         }
     }
     return queue_answer(rq, conn, status, r);
+}
+
+/* Sends an answer held for its audit record (on_request after resume). */
+static enum MHD_Result send_held(req_ctx *rq, struct MHD_Connection *conn)
+{
+    struct MHD_Response *r = rq->held;
+    rq->held = NULL;
+    atomic_fetch_sub(&rq->s->held, 1);
+    return queue_audited(rq, conn, rq->held_status, r, atomic_load(&rq->au_outcome) == 1 + KMS_OK);
 }
 
 static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int status, char *text,
@@ -479,15 +486,8 @@ static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int s
         char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
         kms_api_audit_event e;
         audit_event_of(rq, status, op, sizeof(op), &e);
-        if (!kms_is_ok(kms_api_audit_event_append(rq->s->k, &e))) {
-            MHD_destroy_response(r);
-            status = kms_error_http_status(KMS_ERR_AUDIT_UNAVAILABLE);
-            r = audit_refusal(rq);
-            if (r == NULL) {
-                return MHD_NO;
-            }
-        }
-        return queue_answer(rq, conn, status, r);
+        return queue_audited(rq, conn, status, r,
+                             kms_is_ok(kms_api_audit_event_append(rq->s->k, &e)));
     }
     /* Issue 4: a record is durable before its response is sent. The
      * answer is held and the connection suspended while the record's
