@@ -146,10 +146,7 @@ static kms_result kms_store_init_dbs(kms_store *s)
     rc = mdb_txn_commit(txn);
     if (rc != MDB_SUCCESS)
         KMS_MDB_BAIL(rc, "mdb_txn_commit");
-    rc = mdb_env_sync(s->env, 1);
-    if (rc != MDB_SUCCESS)
-        KMS_MDB_BAIL(rc, "mdb_env_sync");
-    return KMS_OK_RESULT;
+    return kms_store_sync(s);
 }
 
 KMS_RESULT kms_store_open(const char *path, size_t map_initial, size_t map_max, kms_store **out)
