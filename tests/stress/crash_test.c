@@ -316,6 +316,7 @@ static void test_crash(void **state)
         pid_t pid = start_loop(C, start_iter, NULL, &ready_fd);
         assert_true(pid > 0);
         if (!wait_ready(ready_fd)) {
+            stress_dump_stacks(pid);
             (void)kill(pid, SIGKILL);
             (void)waitpid(pid, NULL, 0);
             close(ready_fd);
@@ -362,6 +363,8 @@ static void run_together(crash *C, const char *what, const char *const *modes,
         bool ready = wait_ready(ready_fd);
         close(ready_fd);
         if (!ready) {
+            for (size_t j = 0; j <= i; j++)
+                stress_dump_stacks(pids[j]);
             for (size_t j = 0; j <= i; j++) {
                 (void)kill(pids[j], SIGKILL);
                 (void)waitpid(pids[j], NULL, 0);

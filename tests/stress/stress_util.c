@@ -2,11 +2,13 @@
 #include "stress_util.h"
 
 #include <errno.h>
+#include <dirent.h>
 #include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -187,4 +189,54 @@ uint64_t stress_rand_next(uint64_t *state)
     z = (z ^ (z >> 30)) * UINT64_C(0xbf58476d1ce4e5b9);
     z = (z ^ (z >> 27)) * UINT64_C(0x94d049bb133111eb);
     return z ^ (z >> 31);
+}
+
+/* The kernel's view of each thread: where it sleeps (wchan) and the
+ * system call it is in. Readable by the parent without ptrace rights. */
+static void stress_dump_wchan(pid_t pid)
+{
+    char dir[64];
+    snprintf(dir, sizeof(dir), "/proc/%d/task", (int)pid);
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[384], wchan[64] = "", sys[128] = "";
+        snprintf(path, sizeof(path), "%s/%s/wchan", dir, e->d_name);
+        FILE *f = fopen(path, "r");
+        if (f != NULL) {
+            if (fgets(wchan, sizeof(wchan), f) == NULL)
+                wchan[0] = '\0';
+            fclose(f);
+        }
+        snprintf(path, sizeof(path), "%s/%s/syscall", dir, e->d_name);
+        f = fopen(path, "r");
+        if (f != NULL) {
+            if (fgets(sys, sizeof(sys), f) == NULL)
+                sys[0] = '\0';
+            fclose(f);
+        }
+        sys[strcspn(sys, "\n")] = '\0';
+        fprintf(stderr, "  thread %s: wchan %s, syscall %s\n", e->d_name, wchan, sys);
+    }
+    closedir(d);
+}
+
+void stress_dump_stacks(pid_t pid)
+{
+    fprintf(stderr, "stacks of stuck process %d:\n", (int)pid);
+    stress_dump_wchan(pid);
+    char p[16];
+    snprintf(p, sizeof(p), "%d", (int)pid);
+    pid_t g = fork();
+    if (g == 0) {
+        (void)dup2(STDERR_FILENO, STDOUT_FILENO);
+        execlp("gdb", "gdb", "-batch", "-nx", "-p", p, "-ex", "thread apply all bt", (char *)NULL);
+        _exit(127);
+    }
+    if (g > 0)
+        (void)waitpid(g, NULL, 0);
 }

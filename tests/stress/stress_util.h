@@ -11,6 +11,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 /* Monotonic time in nanoseconds / seconds. */
 uint64_t stress_now_ns(void);
@@ -53,6 +54,11 @@ kms_result stress_key_list_all(kms *k, kms_key_info **out, size_t *n);
 void stress_hex_encode(const uint8_t *in, size_t n, char *out);
 /* Returns the number of bytes decoded, or -1 on a malformed string. */
 long stress_hex_decode(const char *in, size_t in_len, uint8_t *out, size_t out_cap);
+
+/* Prints, on stderr, every thread's stack of process pid (a child that
+ * stopped making progress), with gdb if the machine has it, else the
+ * kernel's wait channel of each thread. For the failure message only. */
+void stress_dump_stacks(pid_t pid);
 
 /* splitmix64: a small seeded PRNG for reproducible schedules. */
 uint64_t stress_rand_next(uint64_t *state);
