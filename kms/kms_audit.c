@@ -77,6 +77,10 @@ struct kms_audit {
     uint64_t unsigned_records;
     int64_t last_signed;
     int64_t last_pruned;
+    /* What the committer did: records written, commits (each syncs its
+     * data pages) and explicit syncs of a held batch when the queue ran
+     * dry; logged at stop, so that group sizes can be read off a run. */
+    uint64_t n_records, n_commits, n_syncs;
     /* Serialises signing and pruning of this process. */
     pthread_mutex_t sign_mu;
 };
@@ -724,6 +728,7 @@ static void *audit_committer(void *argp)
         if (held != NULL && a->head == NULL) {
             pthread_mutex_unlock(&a->mu);
             kms_result sr = kms_store_sync(k->store);
+            a->n_syncs++;
             if (!kms_is_ok(sr)) {
                 fprintf(stderr, "kmsd: audit: syncing %zu record(s) failed: %s (%s)\n", held_count,
                         kms_error_code(sr.err), kms_error_detail());
@@ -808,6 +813,8 @@ static void *audit_committer(void *argp)
         if (kms_is_ok(r)) {
             held = b.list;
             held_count = b.count;
+            a->n_commits++;
+            a->n_records += b.count;
         } else {
             fprintf(stderr, "kmsd: audit: writing %zu record(s) failed: %s (%s)\n", b.count,
                     kms_error_code(r.err), kms_error_detail());
@@ -1007,8 +1014,15 @@ void kms_audit_stop(kms *k)
     a->stopping = true;
     pthread_cond_signal(&a->work);
     pthread_mutex_unlock(&a->mu);
-    if (a->thread_started)
+    if (a->thread_started) {
         pthread_join(a->thread, NULL);
+        if (a->n_commits > 0)
+            fprintf(stderr,
+                    "kmsd: audit: %llu records in %llu commits (%.1f per commit), %llu syncs "
+                    "of their own when the queue ran dry\n",
+                    (unsigned long long)a->n_records, (unsigned long long)a->n_commits,
+                    (double)a->n_records / (double)a->n_commits, (unsigned long long)a->n_syncs);
+    }
     /* A last signed head, so that a clean shutdown leaves the whole chain
      * covered by a signature. */
     if (a->cfg.enabled && a->unsigned_records > 0) {

@@ -34,7 +34,7 @@ cleanup() {
         kill -TERM -- "-$kmsd_pid" 2>/dev/null || kill -TERM "$kmsd_pid" 2>/dev/null || true
         wait "$kmsd_pid" 2>/dev/null || true
     fi
-    rm -rf "$tmp"
+    [ -n "${KMSD_LOG_KEEP:-}" ] && cp "$tmp/kmsd.log" "$KMSD_LOG_KEEP" 2>/dev/null; rm -rf "$tmp"
 }
 trap cleanup EXIT
 
