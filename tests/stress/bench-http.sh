@@ -14,7 +14,13 @@
 # AUDIT (kmsd's audit option, on or off; default on),
 # KMS_SOFTHSM_MODULE (default /usr/lib/softhsm/libsofthsm2.so),
 # PERF_DATA=FILE (record a CPU profile of kmsd with `perf record -g`; the
-# CPU figures of that run then include perf's own overhead).
+# CPU figures of that run then include perf's own overhead; PERF_CALLGRAPH
+# replaces -g, e.g. "--call-graph dwarf,16384" to see through the
+# libraries' frames),
+# STRACE_OUT=FILE (trace kmsd's writes and syncs with strace instead:
+# which pages an audit commit writes; throughput then means nothing),
+# KMSD_LOG_KEEP=FILE (keep kmsd's log, e.g. the audit committer's
+# records-per-commit line written at stop).
 # The raw PKCS#11 baseline is measured on the same token, so the comparison
 # columns are filled in.
 set -euo pipefail
@@ -64,7 +70,8 @@ port=$((20000 + RANDOM % 20000))
 
 # Its own process group, so kms-bench sums the CPU of every worker process.
 perf_cmd=()
-if [ -n "${PERF_DATA:-}" ]; then perf_cmd=(perf record -q -g -F 499 -o "$PERF_DATA" --); fi
+if [ -n "${PERF_DATA:-}" ]; then perf_cmd=(perf record -q ${PERF_CALLGRAPH:--g} -F 499 -o "$PERF_DATA" --); fi
+if [ -n "${STRACE_OUT:-}" ]; then perf_cmd=(strace -f -qq -e trace=pwrite64,pwritev,write,writev,fdatasync -o "$STRACE_OUT" --); fi
 setsid "${perf_cmd[@]}" "$build/tools/kmsd" --config "$tmp/kmsd.conf" 2>"$tmp/kmsd.log" &
 kmsd_pid=$!
 pki=$tmp/pki
