@@ -111,7 +111,7 @@ void kms_mtally_free(kms_mtally *t)
 typedef struct {
     uint32_t target;
     kms_mtally tally;
-    uint64_t not_target;
+    uint64_t older; /* live versions under a master older than target */
 } kms_mcount;
 
 static kms_result kms_mcount_scan(const uint8_t *key, size_t klen, const uint8_t *val, size_t vlen,
@@ -125,8 +125,8 @@ static kms_result kms_mcount_scan(const uint8_t *key, size_t klen, const uint8_t
     kms_secmem_wipe(&rec, sizeof(rec));
     if (!live)
         return KMS_OK_RESULT;
-    if (mv != c->target)
-        c->not_target++;
+    if (mv < c->target)
+        c->older++;
     return kms_mtally_add(&c->tally, mv);
 }
 
@@ -220,8 +220,14 @@ static kms_result kms_rw_scan(const uint8_t *key, size_t klen, const uint8_t *va
     b->start_len = klen + 1;
     kms_rec_version rec;
     KMS_GUARD(kms_rec_version_decode(val, vlen, &rec));
-    if (rec.state == KMS_VERSION_DESTROYED || rec.master_version == b->target)
+    /* Only versions under an older master move to the target. One under a
+     * newer master means another process finished this rotation and
+     * started the next: moving it back would put it under a master that
+     * is about to be retired and destroyed. */
+    if (rec.state == KMS_VERSION_DESTROYED || rec.master_version >= b->target) {
+        kms_secmem_wipe(&rec, sizeof(rec));
         return KMS_OK_RESULT;
+    }
     char name[KMS_KEY_NAME_MAX_BYTES + 1];
     uint32_t version;
     KMS_ENSURE(kms_rec_version_key_split(key, klen, name, &version), KMS_ERR_STORE_CORRUPT);
@@ -301,6 +307,8 @@ static kms_result kms_rw_write_txn(kms_txn *t, void *arg)
     return KMS_OK_RESULT;
 }
 
+static bool kms_master_pending(kms *k, uint32_t *version, uint32_t *current);
+
 /* One pass over every version; returns how many it moved, and how many it
  * could not rewrap because their master is no longer on the token. */
 static kms_result kms_rw_pass(kms *k, uint32_t target, const uint8_t target_id[KMS_HSM_ID_BYTES],
@@ -322,6 +330,12 @@ static kms_result kms_rw_pass(kms *k, uint32_t target, const uint8_t target_id[K
     for (;;) {
         KMS_GUARD_GOTO(r, kms_store_read(k->store, kms_rw_read_txn, b), out);
         KMS_GUARD_GOTO(r, kms_masters_refresh(k), out);
+        /* Finished (or finished and superseded) by another process while
+         * this pass ran: stop moving; the final transaction tells which. */
+        uint32_t pend = 0, cur = 0;
+        if (!kms_master_pending(k, &pend, &cur) || pend != target)
+            break;
+        bool finished_elsewhere = false;
         for (size_t i = 0; i < b->n; i++) {
             kms_rw_item *it = &b->items[i];
             kms_hsm_key_ref ref = {.type = kms_purpose_secret_type(it->purpose),
@@ -346,6 +360,13 @@ static kms_result kms_rw_pass(kms *k, uint32_t target, const uint8_t target_id[K
                 it->blob_len = 0;
                 (*missing)++;
                 r = KMS_OK_RESULT;
+                /* Each miss costs the token search's settling time: if the
+                 * rotation was finished elsewhere, stop at the first. */
+                KMS_GUARD_GOTO(r, kms_masters_refresh(k), out);
+                if (!kms_master_pending(k, &pend, &cur) || pend != target) {
+                    finished_elsewhere = true;
+                    break;
+                }
                 continue;
             }
             KMS_GUARD_GOTO(r, r, out);
@@ -363,7 +384,7 @@ static kms_result kms_rw_pass(kms *k, uint32_t target, const uint8_t target_id[K
         }
         for (size_t i = 0; i < b->n; i++)
             kms_secmem_wipe(&b->items[i], sizeof(b->items[i]));
-        if (b->at_end)
+        if (b->at_end || finished_elsewhere)
             break;
     }
 out:
@@ -377,21 +398,13 @@ typedef struct {
     uint32_t target;
     kms_rec_rotation *rot;
     int64_t now;
-    uint64_t left; /* out: versions not yet under target */
-    bool already;  /* out: target was already current */
+    uint64_t left; /* out: versions still under an older master */
+    bool already;  /* out: target was already current (or since retired) */
 } kms_mfinal_tx;
 
 static kms_result kms_mfinal_txn(kms_txn *t, void *arg)
 {
     kms_mfinal_tx *x = arg;
-    kms_mcount c = {.target = x->target};
-    kms_result r = kms_txn_scan(t, KMS_DB_VERSIONS, NULL, 0, NULL, 0, kms_mcount_scan, &c);
-    kms_mtally_free(&c.tally);
-    KMS_GUARD(r);
-    x->left = c.not_target;
-    if (x->left > 0)
-        return KMS_OK_RESULT; /* nothing written: another pass first */
-    /* Flip states: target current, every other non-retired one retired. */
     uint8_t key[4];
     kms_rec_master_key(x->target, key);
     const uint8_t *v;
@@ -401,8 +414,28 @@ static kms_result kms_mfinal_txn(kms_txn *t, void *arg)
     KMS_ENSURE(found, KMS_ERR_CONFLICT);
     kms_rec_master tm;
     KMS_GUARD(kms_rec_master_decode(v, vlen, &tm));
-    x->already = tm.state == KMS_MASTER_CURRENT;
+    x->left = 0;
     kms_buf b KMS_DEFER(kms_buf_cleanup) = {0};
+    if (tm.state == KMS_MASTER_RETIRED) {
+        /* Finished by another process, which has rotated past it since:
+         * nothing is left to do here, and nothing may move to it. */
+        x->already = true;
+        if (x->rot != NULL && x->rot->info.status == KMS_ROTATION_STARTED) {
+            x->rot->info.status = KMS_ROTATION_SUCCEEDED;
+            x->rot->info.finished_at = x->now;
+            KMS_GUARD(kms_rotation_put(t, x->rot));
+        }
+        return KMS_OK_RESULT;
+    }
+    kms_mcount c = {.target = x->target};
+    kms_result r = kms_txn_scan(t, KMS_DB_VERSIONS, NULL, 0, NULL, 0, kms_mcount_scan, &c);
+    kms_mtally_free(&c.tally);
+    KMS_GUARD(r);
+    x->left = c.older;
+    if (x->left > 0)
+        return KMS_OK_RESULT; /* nothing written: another pass first */
+    /* Flip states: target current, every older non-retired one retired. */
+    x->already = tm.state == KMS_MASTER_CURRENT;
     if (!x->already) {
         KMS_ENSURE(tm.state == KMS_MASTER_PENDING, KMS_ERR_CONFLICT);
         tm.state = KMS_MASTER_CURRENT;
