@@ -10,6 +10,11 @@
 
 #include <p11-kit/pkcs11.h>
 
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #define KEYS     50
 #define VERSIONS 3
 
@@ -239,6 +244,99 @@ static void test_rotation_hsm_failure_is_clean(void **state)
     all_readable(s);
 }
 
+/* A process that joined a master rotation (target 5) stalls in the middle
+ * of a pass; meanwhile another process finishes that rotation and runs the
+ * next one (to 6), retiring and destroying master 5. When the first wakes,
+ * its part must end at once without moving anything: a version under 6
+ * moved back under 5 would be wrapped under a destroyed master. The stall
+ * is the fault module's delay on the late process's 10th C_WrapKey; the
+ * other process is this one. The late process used to grind through the
+ * rest of its pass and up to 64 more, each version waiting out the token
+ * search's settling time for masters that were gone (kms_multiproc_test
+ * found it). */
+static void test_late_joiner_after_next_rotation(void **state)
+{
+    mstate *s = *state;
+    kms_fx *f = s->f;
+    kms_close(f->k); /* the child opens its own: no store or module inherited */
+    f->k = NULL;
+    kms_fault_reset();
+    kms_fault_arm("C_WrapKey", 10, 0, 4000);
+    pid_t late = fork();
+    assert_true(late >= 0);
+    if (late == 0) {
+        kms *k = NULL;
+        int rc = 1;
+        kms_result r = kms_open(&f->cfg, &k);
+        if (kms_is_ok(r)) {
+            kms_rotation_info ri;
+            r = kms_master_rotate(k, &f->admin, "late joiner", &ri);
+            rc = kms_is_ok(r) ? 0 : 2;
+            kms_close(k);
+        }
+        if (!kms_is_ok(r))
+            fprintf(stderr, "late process: %s (%s)\n", kms_error_code(r.err), kms_error_detail());
+        _exit(rc);
+    }
+    /* Wait until the late process is stalled inside its pass. */
+    for (int i = 0; i < 3000 && kms_fault_fired() == 0; i++)
+        usleep(10 * 1000);
+    bool stalled = kms_fault_fired() == 1;
+    kms *other = NULL;
+    kms_result r = stalled ? kms_open(&f->cfg, &other) : KMS_OK_RESULT;
+    kms_rotation_info ri = {0};
+    if (stalled && kms_is_ok(r))
+        r = kms_master_rotate(other, &f->admin, "next", &ri);
+    kms_close(other);
+    /* The late process wakes after its delay and must finish promptly. */
+    int status = 0;
+    pid_t got = 0;
+    for (int i = 0; i < 600 && got == 0; i++) {
+        got = waitpid(late, &status, WNOHANG);
+        if (got == 0)
+            usleep(100 * 1000);
+    }
+    if (got == 0) {
+        (void)kill(late, SIGKILL);
+        (void)waitpid(late, &status, 0);
+        fail_msg("the late process did not end within 60 s of its stall");
+    }
+    assert_true(stalled);
+    assert_ok(r);
+    assert_int_equal(ri.to_version, 6);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+
+    assert_ok(kms_open(&f->cfg, &f->k));
+    kms_check_report rep;
+    assert_ok(kms_check(f->k, false, &rep));
+    assert_int_equal(rep.problems, 0);
+    /* Every version under master 6; 5 and older retired and off the token. */
+    kms_master_info *m = NULL;
+    size_t n = 0;
+    assert_ok(kms_master_list(f->k, &m, &n));
+    assert_int_equal(n, 6);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(m[i].current, m[i].version == 6);
+        assert_int_equal(m[i].versions_wrapped, m[i].version == 6 ? rep.versions : 0);
+    }
+    free(m);
+    assert_int_equal(token_masters(f), 1);
+    all_readable(s);
+    /* Both rotations are recorded as succeeded. */
+    kms_rotation_filter flt = {.type = KMS_ROTATION_MASTER};
+    kms_rotation_info *list = NULL;
+    assert_ok(kms_rotations_list(f->k, &flt, &list, &n));
+    size_t late_ok = 0, next_ok = 0;
+    for (size_t i = 0; i < n; i++) {
+        late_ok += list[i].to_version == 5 && list[i].status == KMS_ROTATION_SUCCEEDED;
+        next_ok += list[i].to_version == 6 && list[i].status == KMS_ROTATION_SUCCEEDED;
+    }
+    free(list);
+    assert_int_equal(late_ok, 1);
+    assert_int_equal(next_ok, 1);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -246,6 +344,7 @@ int main(void)
         cmocka_unit_test(test_interrupted_then_called_again),
         cmocka_unit_test(test_interrupted_then_reopen),
         cmocka_unit_test(test_rotation_hsm_failure_is_clean),
+        cmocka_unit_test(test_late_joiner_after_next_rotation),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
