@@ -128,6 +128,19 @@ static void expect_masters(kms_fx *f, uint32_t current, size_t total)
     assert_int_equal(token_masters(f), 1);
 }
 
+/* Exactly `total` master rotation records, every one succeeded. */
+static void expect_master_rotations_succeeded(kms_fx *f, size_t total)
+{
+    kms_rotation_filter flt = {.type = KMS_ROTATION_MASTER};
+    kms_rotation_info *list = NULL;
+    size_t n = 0;
+    assert_ok(kms_rotations_list(f->k, &flt, &list, &n));
+    assert_int_equal(n, total);
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(list[i].status, KMS_ROTATION_SUCCEEDED);
+    free(list);
+}
+
 static void test_rotate(void **state)
 {
     mstate *s = *state;
@@ -205,13 +218,7 @@ static void test_interrupted_then_reopen(void **state)
     free(m);
     assert_int_equal(token_masters(f), 1);
     all_readable(s);
-    kms_rotation_filter flt = {.type = KMS_ROTATION_MASTER};
-    kms_rotation_info *list = NULL;
-    assert_ok(kms_rotations_list(f->k, &flt, &list, &n));
-    assert_int_equal(n, 3);
-    for (size_t i = 0; i < n; i++)
-        assert_int_equal(list[i].status, KMS_ROTATION_SUCCEEDED);
-    free(list);
+    expect_master_rotations_succeeded(f, 3);
     kms_check_report rep;
     assert_ok(kms_check(f->k, false, &rep));
     assert_int_equal(rep.problems, 0);
@@ -323,18 +330,9 @@ static void test_late_joiner_after_next_rotation(void **state)
     free(m);
     assert_int_equal(token_masters(f), 1);
     all_readable(s);
-    /* Both rotations are recorded as succeeded. */
-    kms_rotation_filter flt = {.type = KMS_ROTATION_MASTER};
-    kms_rotation_info *list = NULL;
-    assert_ok(kms_rotations_list(f->k, &flt, &list, &n));
-    size_t late_ok = 0, next_ok = 0;
-    for (size_t i = 0; i < n; i++) {
-        late_ok += list[i].to_version == 5 && list[i].status == KMS_ROTATION_SUCCEEDED;
-        next_ok += list[i].to_version == 6 && list[i].status == KMS_ROTATION_SUCCEEDED;
-    }
-    free(list);
-    assert_int_equal(late_ok, 1);
-    assert_int_equal(next_ok, 1);
+    /* The late joiner's rotation (to 5) and the next (to 6) succeeded, as
+     * the three before them. */
+    expect_master_rotations_succeeded(f, 5);
 }
 
 int main(void)
