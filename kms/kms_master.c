@@ -402,6 +402,33 @@ typedef struct {
     bool already;  /* out: target was already current (or since retired) */
 } kms_mfinal_tx;
 
+/* Marks the rotation record (if any) succeeded at `now`, unless another
+ * process that finished the same rotation marked it first: its finish
+ * time stands (the time to rotate is the first finisher's), and *rot
+ * becomes the stored record. */
+static kms_result kms_mrot_succeeded(kms_txn *t, kms_rec_rotation *rot, int64_t now)
+{
+    if (rot == NULL)
+        return KMS_OK_RESULT;
+    uint8_t key[KMS_ROTATION_KEY_BYTES];
+    kms_rec_rotation_key(&rot->info, key);
+    const uint8_t *v;
+    size_t vlen;
+    bool found;
+    KMS_GUARD(kms_txn_get(t, KMS_DB_ROTATIONS, key, sizeof(key), &v, &vlen, &found));
+    if (found) {
+        kms_rec_rotation stored;
+        KMS_GUARD(kms_rec_rotation_decode(v, vlen, &stored));
+        if (stored.info.status == KMS_ROTATION_SUCCEEDED) {
+            *rot = stored;
+            return KMS_OK_RESULT;
+        }
+    }
+    rot->info.status = KMS_ROTATION_SUCCEEDED;
+    rot->info.finished_at = now;
+    return kms_rotation_put(t, rot);
+}
+
 static kms_result kms_mfinal_txn(kms_txn *t, void *arg)
 {
     kms_mfinal_tx *x = arg;
@@ -420,12 +447,7 @@ static kms_result kms_mfinal_txn(kms_txn *t, void *arg)
         /* Finished by another process, which has rotated past it since:
          * nothing is left to do here, and nothing may move to it. */
         x->already = true;
-        if (x->rot != NULL && x->rot->info.status == KMS_ROTATION_STARTED) {
-            x->rot->info.status = KMS_ROTATION_SUCCEEDED;
-            x->rot->info.finished_at = x->now;
-            KMS_GUARD(kms_rotation_put(t, x->rot));
-        }
-        return KMS_OK_RESULT;
+        return kms_mrot_succeeded(t, x->rot, x->now);
     }
     kms_mcount c = {.target = x->target};
     kms_result r = kms_txn_scan(t, KMS_DB_VERSIONS, NULL, 0, NULL, 0, kms_mcount_scan, &c);
@@ -457,12 +479,7 @@ static kms_result kms_mfinal_txn(kms_txn *t, void *arg)
         KMS_GUARD(kms_rec_master_encode(&m, &b));
         KMS_GUARD(kms_txn_put(t, KMS_DB_MASTERS, key, sizeof(key), b.data, b.len, false));
     }
-    if (x->rot != NULL) {
-        x->rot->info.status = KMS_ROTATION_SUCCEEDED;
-        x->rot->info.finished_at = x->now;
-        KMS_GUARD(kms_rotation_put(t, x->rot));
-    }
-    return KMS_OK_RESULT;
+    return kms_mrot_succeeded(t, x->rot, x->now);
 }
 
 /* Destroys retired masters still on the token; returns how many. */
