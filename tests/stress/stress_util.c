@@ -234,7 +234,9 @@ void stress_dump_stacks(pid_t pid)
     pid_t g = fork();
     if (g == 0) {
         (void)dup2(STDERR_FILENO, STDOUT_FILENO);
-        execlp("gdb", "gdb", "-batch", "-nx", "-p", p, "-ex", "thread apply all bt", (char *)NULL);
+        /* Bounded: an attach that hangs must not hang the test. */
+        execlp("timeout", "timeout", "60", "gdb", "-batch", "-nx", "-p", p, "-ex",
+               "thread apply all bt", (char *)NULL);
         _exit(127);
     }
     if (g > 0)
