@@ -474,6 +474,10 @@ static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int s
     if (rq->audited || !kms_audit_enabled(rq->s->k)) {
         return queue_answer(rq, conn, status, r);
     }
+    rq->audited = true;
+    char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
+    kms_api_audit_event e;
+    audit_event_of(rq, status, op, sizeof(op), &e);
     /* Counted before the check, so that held_drain either sees this
      * answer or this request sees no_suspend (both sequentially
      * consistent). */
@@ -482,10 +486,6 @@ static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int s
         /* Shutting down: libmicrohttpd must not be stopped with a
          * suspended connection, so wait for the record on this thread. */
         atomic_fetch_sub(&rq->s->held, 1);
-        rq->audited = true;
-        char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
-        kms_api_audit_event e;
-        audit_event_of(rq, status, op, sizeof(op), &e);
         return queue_audited(rq, conn, status, r,
                              kms_is_ok(kms_api_audit_event_append(rq->s->k, &e)));
     }
@@ -494,10 +494,6 @@ static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int s
      * group commit runs, so that this server thread serves other
      * connections meanwhile: requests in flight are bounded by
      * connections, not threads, and more of them share each commit. */
-    rq->audited = true;
-    char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
-    kms_api_audit_event e;
-    audit_event_of(rq, status, op, sizeof(op), &e);
     kms_api_audit_record_fill(&e, &rq->au_rec);
     rq->held = r;
     rq->held_status = status;

@@ -13,7 +13,9 @@
  * thread per process begins a write transaction, takes everything queued
  * at that moment, writes it (reading the tail inside the transaction, so
  * processes sharing the store extend one chain: LMDB serialises their
- * writers), commits with sync, and tells each waiter the result.
+ * writers) and commits with its data pages synced; once the next commit or
+ * an explicit sync has made its meta page durable too, it tells each
+ * waiter the result.
  */
 #define _GNU_SOURCE
 #include "kms_audit.h"
@@ -710,6 +712,17 @@ static void audit_release(audit_waiter *list, kms_err res)
     }
 }
 
+/* Releases the held batch once its sync (hr) is known, and counts its
+ * records towards the next signed head if they are durable. */
+static void audit_release_held(kms *k, audit_waiter **held, size_t *held_count, kms_result hr)
+{
+    audit_release(*held, kms_is_ok(hr) ? KMS_OK : KMS_ERR_AUDIT_UNAVAILABLE);
+    if (kms_is_ok(hr))
+        audit_maybe_sign(k, *held_count);
+    *held = NULL;
+    *held_count = 0;
+}
+
 static void *audit_committer(void *argp)
 {
     kms *k = argp;
@@ -736,11 +749,7 @@ static void *audit_committer(void *argp)
                 a->failed = true;
                 pthread_mutex_unlock(&a->mu);
             }
-            audit_release(held, kms_is_ok(sr) ? KMS_OK : KMS_ERR_AUDIT_UNAVAILABLE);
-            if (kms_is_ok(sr))
-                audit_maybe_sign(k, held_count);
-            held = NULL;
-            held_count = 0;
+            audit_release_held(k, &held, &held_count, sr);
             pthread_mutex_lock(&a->mu);
             continue;
         }
@@ -803,12 +812,8 @@ static void *audit_committer(void *argp)
             /* A successful commit synced its data pages after the held
              * batch's meta page was written: the held batch is durable.
              * After a failed one, sync explicitly. */
-            kms_result hr = kms_is_ok(r) ? KMS_OK_RESULT : kms_store_sync(k->store);
-            audit_release(held, kms_is_ok(hr) ? KMS_OK : KMS_ERR_AUDIT_UNAVAILABLE);
-            if (kms_is_ok(hr))
-                audit_maybe_sign(k, held_count);
-            held = NULL;
-            held_count = 0;
+            audit_release_held(k, &held, &held_count,
+                               kms_is_ok(r) ? KMS_OK_RESULT : kms_store_sync(k->store));
         }
         if (kms_is_ok(r)) {
             held = b.list;

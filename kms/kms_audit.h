@@ -105,9 +105,11 @@ typedef void (*kms_audit_done_fn)(void *arg, kms_err res);
 /* The asynchronous form of kms_audit_append, for callers that must not
  * hold a thread while the record is committed (kmsd suspends the request's
  * connection instead). Queues r and returns at once; r must stay valid and
- * untouched until done(arg, ...) runs (announced: see kms_audit_announce), which sets r->seq,
- * r->time and r->hash as kms_audit_append does. Fails without calling done when the audit is not
- * started, is stopping or is off (the audit is off: nothing to wait for, callers check
+ * untouched until done(arg, ...) runs, by which time r->seq, r->time and
+ * r->hash are set as kms_audit_append sets them. announced: as for
+ * kms_audit_append_announced. Fails without calling done when the audit is
+ * not started or is stopping (KMS_ERR_AUDIT_UNAVAILABLE) or is off
+ * (KMS_ERR_INVALID_ARGUMENT: nothing to wait for; callers check
  * kms_audit_enabled first). */
 KMS_RESULT kms_audit_submit(kms *k, kms_audit_record *r, bool announced, kms_audit_done_fn done,
                             void *arg);
