@@ -22,6 +22,7 @@
 #include "kms_internal.h"
 
 #include "kms_hash.h"
+#include "kms_journal.h"
 
 #include <openssl/bio.h>
 #include <openssl/pem.h>
@@ -29,15 +30,19 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#define AUDIT_BATCH_MAX      4096
-#define AUDIT_SIGN_EVERY_N   10000u
-#define AUDIT_SIGN_EVERY_S   300
-#define AUDIT_PROBE_EVERY_MS 500
+#define AUDIT_BATCH_MAX 4096
+/* Ingest: records per LMDB transaction, and how often at most. */
+#define AUDIT_INGEST_MAX      4096
+#define AUDIT_INGEST_EVERY_MS 10
+#define AUDIT_SIGN_EVERY_N    10000u
+#define AUDIT_SIGN_EVERY_S    300
+#define AUDIT_PROBE_EVERY_MS  500
 /* Longest wait for announced records before a commit (see gather below). */
 #define AUDIT_GATHER_MAX_NS    1000000L
 #define AUDIT_PRUNE_BATCH      20000
@@ -71,21 +76,49 @@ struct kms_audit {
     bool gathering;
     int64_t last_commit_ns;
     bool stopping;
-    bool failed; /* the last commit failed; cleared by a successful probe/commit */
+    bool failed;        /* the last append failed; cleared by a probe or append */
+    bool ingest_failed; /* the last ingest failed; cleared by the next one */
     pthread_t thread;
     bool thread_started;
+    kms_journal *journal;
+    size_t batch_max; /* records per append: a batch always fits the journal */
+    /* The ingester waits on ingest_cv for records journaled (to_ingest). */
+    pthread_cond_t ingest_cv;
+    uint64_t to_ingest;
+    bool ingest_stop;
+    pthread_t ingester;
+    bool ingester_started;
 
     /* Committer-thread state (no lock). */
     uint64_t unsigned_records;
     int64_t last_signed;
     int64_t last_pruned;
-    /* What the committer did: records written, commits (each syncs its
-     * data pages) and explicit syncs of a held batch when the queue ran
-     * dry; logged at stop, so that group sizes can be read off a run. */
-    uint64_t n_records, n_commits, n_syncs;
+    /* What the committer did: records written and appends (each one
+     * journal sync), and what the ingests moved; logged at stop, so that
+     * group sizes can be read off a run. */
+    uint64_t n_records, n_commits;
+    _Atomic uint64_t n_ingests, n_ingested;
     /* Serialises signing and pruning of this process. */
     pthread_mutex_t sign_mu;
 };
+
+static KMS_RESULT audit_ingest(kms *k);
+
+KMS_RESULT kms_audit_flush(kms *k)
+{
+    KMS_ENSURE(k != NULL, KMS_ERR_INVALID_ARGUMENT);
+    return audit_ingest(k);
+}
+
+/* Readers first move what the journal holds into the store, so that they
+ * see every answered request. Best effort: when the store takes no
+ * records (kms_audit_ready says so), they read what it has, which is a
+ * consistent prefix of the chain. */
+static void audit_catch_up(kms *k)
+{
+    kms_result r = audit_ingest(k);
+    (void)r;
+}
 
 /* ---- canonical record bytes ---- */
 
@@ -448,6 +481,7 @@ static kms_result audit_tail_read(kms_txn *t, void *argp)
 
 KMS_RESULT kms_audit_head_get(kms *k, uint64_t *seq, uint8_t hash[KMS_AUDIT_HASH_BYTES])
 {
+    audit_catch_up(k);
     audit_pos p;
     KMS_GUARD(kms_store_read(k->store, audit_tail_read, &p));
     *seq = p.seq;
@@ -566,24 +600,24 @@ KMS_RESULT kms_audit_heads_list(kms *k, uint64_t from_seq, uint64_t to_seq, size
     return KMS_OK_RESULT;
 }
 
-/* ---- append: the committer ---- */
+/* ---- append: the committer, the journal and the ingester ---- */
 
 typedef struct {
     struct kms_audit *a;
-    audit_waiter *list; /* taken from the queue inside the first attempt */
+    audit_waiter *list; /* taken from the queue */
     size_t count;
-    uint64_t last_seq;
-    kms_buf scratch;
+    kms_buf scratch; /* one record's canonical bytes */
+    kms_buf frames;  /* the batch's journal frames */
 } audit_batch;
 
-/* Moves up to AUDIT_BATCH_MAX queued waiters into b. */
+/* Moves up to a->batch_max queued waiters into b. */
 static void audit_batch_take(audit_batch *b)
 {
     struct kms_audit *a = b->a;
     pthread_mutex_lock(&a->mu);
     audit_waiter *first = a->head, *last = first;
     size_t count = first != NULL ? 1 : 0;
-    while (last != NULL && last->next != NULL && count < AUDIT_BATCH_MAX) {
+    while (last != NULL && last->next != NULL && count < a->batch_max) {
         last = last->next;
         count++;
     }
@@ -598,49 +632,191 @@ static void audit_batch_take(audit_batch *b)
     b->count = count;
 }
 
-static kms_result audit_batch_write(kms_txn *t, void *argp)
+/* Ingest: journaled records move into LMDB in order, each one checked
+ * against the store's chain tail (a journal that does not continue the
+ * store's chain is refused, never merged). */
+typedef struct {
+    kms_journal *j;
+    size_t n;     /* records ingested by this transaction */
+    uint64_t seq; /* the store's tail after it */
+    uint8_t hash[KMS_AUDIT_HASH_BYTES];
+    uint64_t off; /* where the frame after seq starts */
+    size_t max;   /* records per transaction */
+    bool more;    /* stopped at max */
+} audit_ingest_arg;
+
+static kms_result audit_ingest_write(kms_txn *t, void *argp)
 {
-    audit_batch *b = argp;
-    /* The batch is taken only now, with LMDB's writer lock held: while this
-     * committer waited for the lock (another process committing), more
-     * records were queued, and they ride along instead of waiting for one
-     * more commit. A retry (map grown) keeps the batch it took. */
-    if (b->list == NULL)
-        audit_batch_take(b);
+    audit_ingest_arg *g = argp;
+    KMS_GUARD(audit_tail_get(t, &g->seq, g->hash));
+    uint64_t end = kms_journal_end(g->j);
+    uint64_t off;
+    if (!kms_journal_hint(g->j, g->seq, &off))
+        off = KMS_JOURNAL_DATA_OFF;
+    g->n = 0;
+    kms_jframe f;
+    while (off < end && g->n < g->max) {
+        KMS_ENSURE_MSG(kms_journal_frame(g->j, off, end, &f), KMS_ERR_STORE_CORRUPT,
+                       "audit journal: damaged record at offset %" PRIu64, off);
+        if (f.seq > g->seq) {
+            KMS_ENSURE_MSG(f.seq == g->seq + 1 &&
+                               memcmp(f.prev, g->hash, KMS_AUDIT_HASH_BYTES) == 0,
+                           KMS_ERR_STORE_CORRUPT,
+                           "audit journal: record %" PRIu64
+                           " does not continue the store's chain (tail %" PRIu64 ")",
+                           f.seq, g->seq);
+            uint8_t key[8];
+            audit_be64(f.seq, key);
+            /* The frame holds hash || bytes, the stored value, in one run. */
+            KMS_GUARD(kms_txn_put(t, KMS_DB_AUDIT, key, sizeof(key), f.hash,
+                                  KMS_AUDIT_HASH_BYTES + f.len, true));
+            g->seq = f.seq;
+            memcpy(g->hash, f.hash, KMS_AUDIT_HASH_BYTES);
+            g->n++;
+        }
+        off = f.next;
+    }
+    g->off = off;
+    g->more = off < end;
+    return g->n > 0 ? audit_tail_put(t, g->seq, g->hash) : KMS_OK_RESULT;
+}
+
+/* Under the ingest lock: everything below the journal's end into the
+ * store, in transactions whose meta pages are synced by the next commit
+ * or sync (the journal is reused only after kms_store_sync). */
+static KMS_RESULT audit_ingest_locked(kms *k, audit_ingest_arg *g)
+{
+    struct kms_audit *a = k->audit;
+    *g = (audit_ingest_arg){.j = a->journal, .max = AUDIT_INGEST_MAX};
+    do {
+        kms_result r = kms_store_write_deferred(k->store, audit_ingest_write, g);
+        if (r.err == KMS_ERR_STORE_FULL && g->max > 1) {
+            /* As much as fits: pages freed by pruning become reusable only
+             * after a later transaction commits, so a small one first. */
+            g->max /= 2;
+            g->more = true;
+            continue;
+        }
+        KMS_GUARD(r);
+        kms_journal_hint_set(a->journal, g->seq, g->off);
+        atomic_fetch_add_explicit(&a->n_ingested, g->n, memory_order_relaxed);
+        if (g->max < AUDIT_INGEST_MAX)
+            g->max *= 2;
+    } while (g->more);
+    atomic_fetch_add_explicit(&a->n_ingests, 1, memory_order_relaxed);
+    return KMS_OK_RESULT;
+}
+
+/* Moves every journaled record the store lacks into it. Readers call it
+ * first so that they see every answered request. */
+static KMS_RESULT audit_ingest(kms *k)
+{
+    struct kms_audit *a = k->audit;
+    if (a == NULL || a->journal == NULL)
+        return KMS_OK_RESULT;
+    KMS_GUARD(kms_journal_ingest_lock(a->journal, true, NULL));
+    audit_ingest_arg g;
+    kms_result r = audit_ingest_locked(k, &g);
+    kms_journal_ingest_unlock(a->journal);
+    return r;
+}
+
+/* Under the append lock: once every record is in the store and the
+ * store is synced, the journal starts over from its beginning. */
+static KMS_RESULT audit_journal_recycle(kms *k)
+{
+    kms_journal *j = k->audit->journal;
+    KMS_GUARD(kms_journal_ingest_lock(j, true, NULL));
+    audit_ingest_arg g;
+    kms_result r = audit_ingest_locked(k, &g);
+    if (kms_is_ok(r))
+        r = kms_store_sync(k->store);
+    if (kms_is_ok(r)) {
+        uint64_t seq;
+        uint8_t hash[KMS_AUDIT_HASH_BYTES];
+        kms_journal_tail(j, &seq, hash);
+        if (g.seq == seq && memcmp(g.hash, hash, KMS_AUDIT_HASH_BYTES) == 0)
+            kms_journal_set(j, KMS_JOURNAL_DATA_OFF, seq, hash);
+        else
+            r = kms_error_raisef(KMS_ERR_STORE_CORRUPT, __FILE__, __LINE__,
+                                 "audit journal: the store's tail %" PRIu64
+                                 " is not the journal's %" PRIu64 " after ingesting",
+                                 g.seq, seq);
+    }
+    kms_journal_ingest_unlock(j);
+    return r;
+}
+
+/* Under the append lock, when the header may be stale (first opener, or a
+ * writer died mid-append): the end and tail from a scan of the frames and
+ * the store's own tail. Frames the store already has are dropped. */
+static KMS_RESULT audit_journal_rebuild(kms *k)
+{
+    kms_journal *j = k->audit->journal;
+    KMS_GUARD(kms_journal_ingest_lock(j, true, NULL));
+    kms_jscan s;
+    kms_journal_scan(j, &s);
+    audit_pos p;
+    kms_result r = kms_store_read(k->store, audit_tail_read, &p);
+    if (kms_is_ok(r) && (s.n == 0 || s.last_seq <= p.seq)) {
+        /* The store's tail must be durable before the frames go. */
+        r = kms_store_sync(k->store);
+        if (kms_is_ok(r))
+            kms_journal_set(j, KMS_JOURNAL_DATA_OFF, p.seq, p.hash);
+    } else if (kms_is_ok(r)) {
+        if (s.first_seq > p.seq + 1)
+            r = kms_error_raisef(KMS_ERR_STORE_CORRUPT, __FILE__, __LINE__,
+                                 "audit journal starts at record %" PRIu64
+                                 " but the store ends at %" PRIu64
+                                 ": records are missing (a store restored next to a newer "
+                                 "journal? docs/runbook.md, backup and restore)",
+                                 s.first_seq, p.seq);
+        else
+            kms_journal_set(j, s.end, s.last_seq, s.last_hash);
+    }
+    kms_journal_ingest_unlock(j);
+    return r;
+}
+
+/* Under the append lock: numbers, chains and frames the batch, and writes
+ * it at the journal's end (the whole batch always fits an empty journal:
+ * batch_max). */
+static KMS_RESULT audit_append_locked(kms *k, audit_batch *b)
+{
+    kms_journal *j = k->audit->journal;
+    if (kms_journal_dirty(j))
+        KMS_GUARD(audit_journal_rebuild(k));
     uint64_t seq;
     uint8_t hash[KMS_AUDIT_HASH_BYTES];
-    /* Inside the write transaction: another process's committer may have
-     * extended the chain since this process last looked. */
-    KMS_GUARD(audit_tail_get(t, &seq, hash));
+    kms_journal_tail(j, &seq, hash);
+    kms_buf_reset(&b->frames);
     for (audit_waiter *w = b->list; w != NULL; w = w->next) {
         kms_audit_record *r = w->rec;
         r->seq = ++seq;
         kms_buf_reset(&b->scratch);
-        KMS_GUARD(kms_buf_extend(&b->scratch, KMS_AUDIT_HASH_BYTES, &(uint8_t *){NULL}));
         KMS_GUARD(audit_encode(r, hash, &b->scratch));
-        const uint8_t *rec = b->scratch.data + KMS_AUDIT_HASH_BYTES;
-        size_t rec_len = b->scratch.len - KMS_AUDIT_HASH_BYTES;
-        kms_iov parts[2] = {{hash, KMS_AUDIT_HASH_BYTES}, {rec, rec_len}};
-        KMS_GUARD(kms_sha256_iov(parts, 2, hash));
-        memcpy(b->scratch.data, hash, KMS_AUDIT_HASH_BYTES);
-        memcpy(r->hash, hash, KMS_AUDIT_HASH_BYTES);
-        uint8_t key[8];
-        audit_be64(seq, key);
+        kms_iov parts[2] = {{hash, KMS_AUDIT_HASH_BYTES}, {b->scratch.data, b->scratch.len}};
+        KMS_GUARD(kms_sha256_iov(parts, 2, r->hash));
         KMS_GUARD(
-            kms_txn_put(t, KMS_DB_AUDIT, key, sizeof(key), b->scratch.data, b->scratch.len, true));
+            kms_journal_frame_put(&b->frames, seq, hash, r->hash, b->scratch.data, b->scratch.len));
+        memcpy(hash, r->hash, KMS_AUDIT_HASH_BYTES);
     }
-    b->last_seq = seq;
-    return audit_tail_put(t, seq, hash);
+    if (b->frames.len > kms_journal_room(j))
+        KMS_GUARD(audit_journal_recycle(k));
+    return kms_journal_write(j, &b->frames, seq, hash);
 }
 
-static const char audit_key_probe[] = "audit.probe";
-
-static kms_result audit_probe_write(kms_txn *t, void *argp)
+/* The batch durable in the journal: written under the append lock, then
+ * one fdatasync outside it, which also covers whatever other processes
+ * appended meanwhile. */
+static KMS_RESULT audit_append(kms *k, audit_batch *b)
 {
-    (void)argp;
-    uint8_t v[64] = {0};
-    return kms_txn_put(t, KMS_DB_META, audit_key_probe, sizeof(audit_key_probe) - 1, v, sizeof(v),
-                       false);
+    kms_journal *j = k->audit->journal;
+    KMS_GUARD(kms_journal_lock(j));
+    kms_result r = audit_append_locked(k, b);
+    kms_journal_unlock(j);
+    KMS_GUARD(r);
+    return kms_journal_sync(j);
 }
 
 static void audit_maybe_sign(kms *k, size_t written)
@@ -686,7 +862,7 @@ static void audit_maybe_prune(kms *k)
                 kms_error_detail());
 }
 
-/* A CLOCK_MONOTONIC deadline ns from now (the work condition uses it). */
+/* A CLOCK_MONOTONIC deadline ns from now (the work conditions use it). */
 static struct timespec audit_deadline(long ns)
 {
     struct timespec ts;
@@ -712,47 +888,15 @@ static void audit_release(audit_waiter *list, kms_err res)
     }
 }
 
-/* Releases the held batch once its sync (hr) is known, and counts its
- * records towards the next signed head if they are durable. */
-static void audit_release_held(kms *k, audit_waiter **held, size_t *held_count, kms_result hr)
-{
-    audit_release(*held, kms_is_ok(hr) ? KMS_OK : KMS_ERR_AUDIT_UNAVAILABLE);
-    if (kms_is_ok(hr))
-        audit_maybe_sign(k, *held_count);
-    *held = NULL;
-    *held_count = 0;
-}
-
 static void *audit_committer(void *argp)
 {
     kms *k = argp;
     struct kms_audit *a = k->audit;
     audit_batch b = {.a = a};
-    /* The last batch committed, whose meta page is not synced yet
-     * (kms_store_write_deferred): durable once the next commit's data sync
-     * or an explicit sync has run, and only then released. Under load
-     * every commit thus costs one sync instead of two; when the queue runs
-     * dry the held batch is synced at once. */
-    audit_waiter *held = NULL;
-    size_t held_count = 0;
     kms_buf_init(&b.scratch, 2 * KMS_AUDIT_RECORD_MAX_BYTES);
+    kms_buf_init(&b.frames, 0);
     pthread_mutex_lock(&a->mu);
     for (;;) {
-        if (held != NULL && a->head == NULL) {
-            pthread_mutex_unlock(&a->mu);
-            kms_result sr = kms_store_sync(k->store);
-            a->n_syncs++;
-            if (!kms_is_ok(sr)) {
-                fprintf(stderr, "kmsd: audit: syncing %zu record(s) failed: %s (%s)\n", held_count,
-                        kms_error_code(sr.err), kms_error_detail());
-                pthread_mutex_lock(&a->mu);
-                a->failed = true;
-                pthread_mutex_unlock(&a->mu);
-            }
-            audit_release_held(k, &held, &held_count, sr);
-            pthread_mutex_lock(&a->mu);
-            continue;
-        }
         while (a->head == NULL && !a->stopping) {
             struct timespec ts = audit_deadline(AUDIT_PROBE_EVERY_MS * 1000000L);
             int rc = pthread_cond_timedwait(&a->work, &a->mu, &ts);
@@ -760,9 +904,8 @@ static void *audit_committer(void *argp)
                 bool failed = a->failed;
                 pthread_mutex_unlock(&a->mu);
                 if (failed) {
-                    /* Recovery: a small write that succeeds means the store
-                     * takes writes again (space freed, map grown). */
-                    kms_result pr = kms_store_write(k->store, audit_probe_write, NULL);
+                    /* Recovery: the journal takes a sync again. */
+                    kms_result pr = kms_journal_sync(a->journal);
                     pthread_mutex_lock(&a->mu);
                     if (kms_is_ok(pr))
                         a->failed = false;
@@ -777,9 +920,9 @@ static void *audit_committer(void *argp)
             break;
         /* Gather: requests announced as being processed will queue their
          * records within microseconds. Waiting for them, at most about as
-         * long as one commit takes, lets them share this commit and its
+         * long as one append takes, lets them share this append and its
          * sync instead of each paying for one of their own; with nothing
-         * announced (one client, idle service) the commit starts at once. */
+         * announced (one client, idle service) the append starts at once. */
         if (a->outstanding > 0 && a->last_commit_ns > 0 && !a->stopping) {
             long wait = a->last_commit_ns < AUDIT_GATHER_MAX_NS ? (long)a->last_commit_ns
                                                                 : AUDIT_GATHER_MAX_NS;
@@ -793,42 +936,74 @@ static void *audit_committer(void *argp)
         }
         pthread_mutex_unlock(&a->mu);
 
-        b.list = NULL;
-        b.count = 0;
+        audit_batch_take(&b);
         struct timespec t0, t1;
         clock_gettime(CLOCK_MONOTONIC, &t0);
-        kms_result r = kms_store_write_deferred(k->store, audit_batch_write, &b);
+        kms_result r = audit_append(k, &b);
         clock_gettime(CLOCK_MONOTONIC, &t1);
         int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
-        if (b.list == NULL) /* the transaction never started: fail what is queued */
-            audit_batch_take(&b);
         /* A failure is visible to kms_audit_ready before any waiter
          * learns of it. */
         pthread_mutex_lock(&a->mu);
         a->failed = !kms_is_ok(r);
         a->last_commit_ns = took;
-        pthread_mutex_unlock(&a->mu);
-        if (held != NULL) {
-            /* A successful commit synced its data pages after the held
-             * batch's meta page was written: the held batch is durable.
-             * After a failed one, sync explicitly. */
-            audit_release_held(k, &held, &held_count,
-                               kms_is_ok(r) ? KMS_OK_RESULT : kms_store_sync(k->store));
-        }
         if (kms_is_ok(r)) {
-            held = b.list;
-            held_count = b.count;
+            a->to_ingest += b.count;
+            pthread_cond_signal(&a->ingest_cv);
+        }
+        pthread_mutex_unlock(&a->mu);
+        if (kms_is_ok(r)) {
             a->n_commits++;
             a->n_records += b.count;
+            audit_release(b.list, KMS_OK);
+            audit_maybe_sign(k, b.count);
         } else {
             fprintf(stderr, "kmsd: audit: writing %zu record(s) failed: %s (%s)\n", b.count,
                     kms_error_code(r.err), kms_error_detail());
             audit_release(b.list, KMS_ERR_AUDIT_UNAVAILABLE);
         }
+        b.list = NULL;
+        b.count = 0;
         pthread_mutex_lock(&a->mu);
     }
     pthread_mutex_unlock(&a->mu);
+    kms_buf_free(&b.frames);
     kms_buf_free(&b.scratch);
+    return NULL;
+}
+
+/* Moves journaled records into the store at most every AUDIT_INGEST_EVERY_MS,
+ * off the answers' path. While that fails (a full store), requests are
+ * refused and the ingest is retried as often. */
+static void *audit_ingester(void *argp)
+{
+    kms *k = argp;
+    struct kms_audit *a = k->audit;
+    pthread_mutex_lock(&a->mu);
+    for (;;) {
+        while (a->to_ingest == 0 && !a->ingest_failed && !a->ingest_stop)
+            pthread_cond_wait(&a->ingest_cv, &a->mu);
+        if (a->ingest_stop)
+            break;
+        struct timespec ts = audit_deadline(AUDIT_INGEST_EVERY_MS * 1000000L);
+        while (!a->ingest_stop && pthread_cond_timedwait(&a->ingest_cv, &a->mu, &ts) != ETIMEDOUT) {
+        }
+        if (a->ingest_stop)
+            break;
+        a->to_ingest = 0;
+        pthread_mutex_unlock(&a->mu);
+        kms_result r = audit_ingest(k);
+        pthread_mutex_lock(&a->mu);
+        if (!kms_is_ok(r) && !a->ingest_failed)
+            fprintf(stderr,
+                    "kmsd: audit: moving journaled records into the store failed: %s (%s); "
+                    "requests are refused until it succeeds\n",
+                    kms_error_code(r.err), kms_error_detail());
+        else if (kms_is_ok(r) && a->ingest_failed)
+            fprintf(stderr, "kmsd: audit: journaled records are in the store again\n");
+        a->ingest_failed = !kms_is_ok(r);
+    }
+    pthread_mutex_unlock(&a->mu);
     return NULL;
 }
 
@@ -866,12 +1041,15 @@ KMS_RESULT kms_audit_submit(kms *k, kms_audit_record *r, bool announced, kms_aud
     pthread_mutex_lock(&a->mu);
     if (announced && a->outstanding > 0)
         a->outstanding--;
-    if (a->stopping) {
+    if (a->stopping || a->ingest_failed) {
+        bool stopping = a->stopping;
         if (a->gathering && a->outstanding == 0)
             pthread_cond_signal(&a->work);
         pthread_mutex_unlock(&a->mu);
         free(w);
-        KMS_BAIL_MSG(KMS_ERR_AUDIT_UNAVAILABLE, "audit stopping");
+        /* A store that takes no records: the journal would only fill. */
+        KMS_BAIL_MSG(KMS_ERR_AUDIT_UNAVAILABLE,
+                     stopping ? "audit stopping" : "the audit store takes no records");
     }
     bool idle = a->head == NULL;
     if (a->tail != NULL)
@@ -960,7 +1138,7 @@ KMS_RESULT kms_audit_ready(kms *k)
     if (!a->cfg.enabled)
         return KMS_OK_RESULT;
     pthread_mutex_lock(&a->mu);
-    bool bad = a->failed || a->stopping;
+    bool bad = a->failed || a->ingest_failed || a->stopping;
     pthread_mutex_unlock(&a->mu);
     KMS_ENSURE_MSG(!bad, KMS_ERR_AUDIT_UNAVAILABLE, "the audit log cannot be written");
     return KMS_OK_RESULT;
@@ -969,6 +1147,27 @@ KMS_RESULT kms_audit_ready(kms *k)
 bool kms_audit_enabled(kms *k)
 {
     return k->audit != NULL && k->audit->cfg.enabled;
+}
+
+/* Opens the store's journal, rebuilds its header if it may be stale, and
+ * moves whatever an earlier run left in it into the store, so that the
+ * store is whole before the first request. */
+static KMS_RESULT audit_journal_open(kms *k)
+{
+    struct kms_audit *a = k->audit;
+    char path[4096];
+    KMS_ENSURE_MSG(snprintf(path, sizeof(path), "%s/audit.journal", k->store_path) <
+                       (int)sizeof(path),
+                   KMS_ERR_CONFIG, "store path too long");
+    KMS_GUARD(kms_journal_open(path, a->cfg.journal_bytes, &a->journal));
+    uint64_t fit = kms_journal_room_total(a->journal) / 2 /
+                   kms_journal_frame_size(2 * KMS_AUDIT_RECORD_MAX_BYTES);
+    a->batch_max = fit < 1 ? 1 : fit > AUDIT_BATCH_MAX ? AUDIT_BATCH_MAX : (size_t)fit;
+    KMS_GUARD(kms_journal_lock(a->journal));
+    kms_result r = kms_journal_dirty(a->journal) ? audit_journal_rebuild(k) : KMS_OK_RESULT;
+    kms_journal_unlock(a->journal);
+    KMS_GUARD(r);
+    return audit_ingest(k);
 }
 
 KMS_RESULT kms_audit_start(kms *k, const kms_audit_config *cfg)
@@ -995,18 +1194,29 @@ KMS_RESULT kms_audit_start(kms *k, const kms_audit_config *cfg)
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&a->work, &ca);
+    pthread_cond_init(&a->ingest_cv, &ca);
     pthread_condattr_destroy(&ca);
     a->last_signed = kms_now(k);
     /* The first pruning a minute after start, then hourly. */
     a->last_pruned = a->last_signed - AUDIT_PRUNE_EVERY_S + 60;
     k->audit = a;
-    if (cfg->enabled) {
-        if (pthread_create(&a->thread, NULL, audit_committer, k) != 0) {
-            kms_audit_stop(k);
-            KMS_BAIL_MSG(KMS_ERR_INTERNAL, "audit committer thread: %s", strerror(errno));
-        }
-        a->thread_started = true;
+    if (!cfg->enabled)
+        return KMS_OK_RESULT;
+    kms_result r = audit_journal_open(k);
+    if (!kms_is_ok(r)) {
+        kms_audit_stop(k);
+        return r;
     }
+    if (pthread_create(&a->ingester, NULL, audit_ingester, k) != 0) {
+        kms_audit_stop(k);
+        KMS_BAIL_MSG(KMS_ERR_INTERNAL, "audit ingester thread: %s", strerror(errno));
+    }
+    a->ingester_started = true;
+    if (pthread_create(&a->thread, NULL, audit_committer, k) != 0) {
+        kms_audit_stop(k);
+        KMS_BAIL_MSG(KMS_ERR_INTERNAL, "audit committer thread: %s", strerror(errno));
+    }
+    a->thread_started = true;
     return KMS_OK_RESULT;
 }
 
@@ -1019,21 +1229,42 @@ void kms_audit_stop(kms *k)
     a->stopping = true;
     pthread_cond_signal(&a->work);
     pthread_mutex_unlock(&a->mu);
-    if (a->thread_started) {
+    if (a->thread_started)
         pthread_join(a->thread, NULL);
-        if (a->n_commits > 0)
+    pthread_mutex_lock(&a->mu);
+    a->ingest_stop = true;
+    pthread_cond_signal(&a->ingest_cv);
+    pthread_mutex_unlock(&a->mu);
+    if (a->ingester_started)
+        pthread_join(a->ingester, NULL);
+    if (a->journal != NULL) {
+        /* Everything journaled into the store, durably, before the last
+         * signed head: a clean stop leaves the store whole by itself. */
+        kms_result r = audit_ingest(k);
+        if (kms_is_ok(r))
+            r = kms_store_sync(k->store);
+        if (!kms_is_ok(r))
             fprintf(stderr,
-                    "kmsd: audit: %llu records in %llu commits (%.1f per commit), %llu syncs "
-                    "of their own when the queue ran dry\n",
-                    (unsigned long long)a->n_records, (unsigned long long)a->n_commits,
-                    (double)a->n_records / (double)a->n_commits, (unsigned long long)a->n_syncs);
+                    "kmsd: audit: journaled records stay in the journal (%s: %s); the next "
+                    "start moves them\n",
+                    kms_error_code(r.err), kms_error_detail());
     }
+    if (a->n_commits > 0)
+        fprintf(stderr,
+                "kmsd: audit: %llu records in %llu journal writes (%.1f per write); %llu "
+                "records moved into the store in %llu ingests\n",
+                (unsigned long long)a->n_records, (unsigned long long)a->n_commits,
+                (double)a->n_records / (double)a->n_commits,
+                (unsigned long long)atomic_load(&a->n_ingested),
+                (unsigned long long)atomic_load(&a->n_ingests));
     /* A last signed head, so that a clean shutdown leaves the whole chain
      * covered by a signature. */
     if (a->cfg.enabled && a->unsigned_records > 0) {
         kms_result r = kms_audit_head_sign(k, NULL);
         (void)r;
     }
+    kms_journal_close(a->journal);
+    pthread_cond_destroy(&a->ingest_cv);
     pthread_cond_destroy(&a->work);
     pthread_mutex_destroy(&a->sign_mu);
     pthread_mutex_destroy(&a->mu);
@@ -1104,6 +1335,7 @@ KMS_RESULT kms_audit_query(kms *k, const kms_audit_filter *f, kms_audit_record *
         limit = KMS_AUDIT_QUERY_MAX;
     if (f->after_seq == UINT64_MAX)
         return KMS_OK_RESULT;
+    audit_catch_up(k);
     /* One slot more than the limit: the visitor parses into v[n] before it
      * knows whether the record matches. */
     audit_query_arg a = {.f = f, .limit = limit};
@@ -1153,6 +1385,7 @@ KMS_RESULT kms_audit_scan_raw(kms *k, uint64_t after_seq, uint64_t last_seq, kms
     KMS_ENSURE(k != NULL && fn != NULL, KMS_ERR_INVALID_ARGUMENT);
     if (after_seq == UINT64_MAX)
         return KMS_OK_RESULT;
+    audit_catch_up(k);
     audit_raw_arg a = {.after = after_seq, .last = last_seq, .fn = fn, .arg = arg};
     return kms_store_read(k->store, audit_raw_read, &a);
 }
@@ -1165,6 +1398,7 @@ typedef struct {
     uint64_t cut;                       /* last seq to remove; 0 = none */
     uint8_t hash[KMS_AUDIT_HASH_BYTES]; /* hash_cut */
     size_t seen;
+    size_t max; /* records per cut */
 } audit_cut_arg;
 
 static kms_result audit_cut_visit(const uint8_t *key, size_t klen, const uint8_t *val, size_t vlen,
@@ -1177,7 +1411,7 @@ static kms_result audit_cut_visit(const uint8_t *key, size_t klen, const uint8_t
     KMS_GUARD(kms_audit_record_parse(val + KMS_AUDIT_HASH_BYTES, vlen - KMS_AUDIT_HASH_BYTES, &r));
     /* Only a prefix of the chain is pruned: the first record young enough
      * ends the cut, whatever follows it. */
-    if (r.time >= a->before || a->seen == AUDIT_PRUNE_BATCH) {
+    if (r.time >= a->before || a->seen == a->max) {
         *stop = true;
         return KMS_OK_RESULT;
     }
@@ -1230,8 +1464,9 @@ KMS_RESULT kms_audit_prune(kms *k, int64_t before, uint64_t *removed)
     struct kms_audit *a = k->audit;
     pthread_mutex_lock(&a->sign_mu);
     kms_result r = KMS_OK_RESULT;
+    size_t max = AUDIT_PRUNE_BATCH;
     for (;;) {
-        audit_cut_arg c = {.before = before};
+        audit_cut_arg c = {.before = before, .max = max};
         r = kms_store_read(k->store, audit_cut_find, &c);
         if (!kms_is_ok(r) || c.cut == 0)
             break;
@@ -1242,12 +1477,21 @@ KMS_RESULT kms_audit_prune(kms *k, int64_t before, uint64_t *removed)
             break;
         audit_prune_arg p = {.first = c.first, .cut = c.cut, .anchor = &anchor};
         r = kms_store_write(k->store, audit_prune_write, &p);
+        if (r.err == KMS_ERR_STORE_FULL && max > 1) {
+            /* A store at its maximum: removing records rewrites pages too,
+             * and the pages it frees are reusable only by later
+             * transactions. Smaller cuts first, then larger again. */
+            max /= 2;
+            continue;
+        }
         if (!kms_is_ok(r))
             break;
         if (removed != NULL)
             *removed += c.cut - c.first + 1;
-        if (c.seen < AUDIT_PRUNE_BATCH)
-            break;
+        if (c.seen < max)
+            break; /* the cut ended at a young record */
+        if (max < AUDIT_PRUNE_BATCH)
+            max *= 2;
     }
     pthread_mutex_unlock(&a->sign_mu);
     return r;

@@ -70,6 +70,7 @@ typedef struct {
     uint32_t sign_every_records; /* sign the head after this many records; 0 = 10000 */
     int64_t sign_every_s;        /* ... or this many seconds; 0 = 300 */
     int64_t retention_s;         /* records older than this may be pruned; 0 = keep forever */
+    uint64_t journal_bytes;      /* size of the store's audit journal; 0 = 8 MiB, at least 64 KiB */
 } kms_audit_config;
 
 /* Starts the audit of this kms instance: finds (or on first start creates)
@@ -81,6 +82,11 @@ KMS_RESULT kms_audit_start(kms *k, const kms_audit_config *cfg);
 /* Drains the queue and stops the committer. kms_close calls it. */
 void kms_audit_stop(kms *k);
 bool kms_audit_enabled(kms *k);
+
+/* Moves every record journaled by any process into the store (readers of
+ * the trail and kms_backup do this first). A no-op when the audit is off
+ * or not started. */
+KMS_RESULT kms_audit_flush(kms *k);
 
 /* Fast check before running an operation: fails with
  * KMS_ERR_AUDIT_UNAVAILABLE when the last commit failed and the store has

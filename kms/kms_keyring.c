@@ -1736,5 +1736,8 @@ KMS_RESULT kms_ready(kms *k)
 KMS_RESULT kms_backup(kms *k, const char *dir)
 {
     KMS_ENSURE(k != NULL, KMS_ERR_INVALID_ARGUMENT);
+    /* The copy holds every record answered so far, not only those the
+     * journal has handed over. */
+    KMS_GUARD(kms_audit_flush(k));
     return kms_store_backup(k->store, dir);
 }
