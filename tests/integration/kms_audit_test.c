@@ -4,7 +4,8 @@
  * and the public key alone, filters, pruning with a signed anchor, and a
  * full store refusing records (then recovering once pruning frees room),
  * and the journal: a killed writer's records recovered, a torn frame
- * ignored, a small journal reused by several processes at once.
+ * ignored, a small journal reused by several processes at once, and a
+ * journal that does not continue a restored store refused.
  */
 #include "kms_audit.h"
 #include "kms_hash.h"
@@ -17,6 +18,7 @@
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -580,6 +582,47 @@ static void test_journal_recycles_across_processes(void **state)
     kms_fx_free(f);
 }
 
+/* A store restored from an older backup next to a journal that has moved
+ * on (reused since) does not continue the journal's chain: the audit does
+ * not start, and says why; with the journal moved aside it does. */
+static void test_journal_refuses_a_gap(void **state)
+{
+    (void)state;
+    kms_fx *f = kms_fx_new(0);
+    kms_audit_config small = {.enabled = true, .journal_bytes = 64 * 1024};
+    assert_ok(kms_audit_start(f->k, &small));
+    for (unsigned i = 0; i < 5; i++) {
+        kms_audit_record r;
+        rec_fill(&r, "app", "wrap", "orders", i + 1);
+        assert_ok(kms_audit_append(f->k, &r));
+    }
+    char backup[PATH_MAX / 2];
+    snprintf(backup, sizeof(backup), "%s/backup", f->tok.dir);
+    assert_int_equal(mkdir(backup, 0700), 0);
+    assert_ok(kms_backup(f->k, backup));
+    for (unsigned i = 5; i < 400; i++) { /* 400 frames: the 64 KiB journal is reused */
+        kms_audit_record r;
+        rec_fill(&r, "app", "wrap", "orders", i + 1);
+        assert_ok(kms_audit_append(f->k, &r));
+    }
+    kms_close(f->k);
+    f->k = NULL;
+
+    char src[PATH_MAX], dst[PATH_MAX + 32];
+    snprintf(src, sizeof(src), "%s/data.mdb", backup);
+    snprintf(dst, sizeof(dst), "%s/data.mdb", f->store);
+    assert_int_equal(rename(src, dst), 0);
+    assert_ok(kms_open(&f->cfg, &f->k));
+    assert_err(kms_audit_start(f->k, &small), KMS_ERR_STORE_CORRUPT);
+    char jp[PATH_MAX + 32], aside[PATH_MAX + 32];
+    snprintf(jp, sizeof(jp), "%s/audit.journal", f->store);
+    snprintf(aside, sizeof(aside), "%s/audit.journal.aside", f->tok.dir);
+    assert_int_equal(rename(jp, aside), 0);
+    assert_ok(kms_audit_start(f->k, &small));
+    chain_verify(f->k, 5);
+    kms_fx_free(f);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -592,6 +635,7 @@ int main(void)
         cmocka_unit_test(test_announce_never_blocks),
         cmocka_unit_test(test_journal_recovers_killed_writer),
         cmocka_unit_test(test_journal_recycles_across_processes),
+        cmocka_unit_test(test_journal_refuses_a_gap),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
