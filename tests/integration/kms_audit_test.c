@@ -16,6 +16,7 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <sys/stat.h>
@@ -535,30 +536,63 @@ static void test_journal_recycles_across_processes(void **state)
 {
     (void)state;
     kms_fx *f = kms_fx_new(0);
+    kms_audit_config small = {.enabled = true, .journal_bytes = 64 * 1024};
+    /* The signing key is made now: SoftHSM in a process that starts while
+     * another writes the token's files can miss the token. */
+    assert_ok(kms_audit_start(f->k, &small));
     kms_close(f->k);
     f->k = NULL;
-    kms_audit_config small = {.enabled = true, .journal_bytes = 64 * 1024};
     enum { PROCS = 3, PER = 400 };
+    /* The processes open the token one at a time (SoftHSM's C_Initialize in
+     * one process can miss the token while another reads or writes its
+     * files), then all start appending at once when the go pipe closes. */
+    int ready[2], go[2];
+    assert_int_equal(pipe(ready), 0);
+    assert_int_equal(pipe(go), 0);
     pid_t pids[PROCS];
     for (unsigned p = 0; p < PROCS; p++) {
         pids[p] = fork();
         assert_true(pids[p] >= 0);
         if (pids[p] == 0) {
+            close(ready[0]);
+            close(go[1]);
             kms *k = NULL;
-            if (!kms_is_ok(kms_open(&f->cfg, &k)) || !kms_is_ok(kms_audit_start(k, &small)))
+            kms_result res = kms_open(&f->cfg, &k);
+            if (kms_is_ok(res))
+                res = kms_audit_start(k, &small);
+            if (!kms_is_ok(res)) {
+                fprintf(stderr, "process %u: %s (%s)\n", p, kms_error_code(res.err),
+                        kms_error_detail());
                 _exit(2);
+            }
+            char c = 1, g;
+            if (write(ready[1], &c, 1) != 1 || read(go[0], &g, 1) != 0)
+                _exit(4);
             char who[32];
             snprintf(who, sizeof(who), "proc-%u", p);
             for (unsigned i = 0; i < PER; i++) {
                 kms_audit_record r;
                 rec_fill(&r, who, "wrap", "orders", i + 1);
-                if (!kms_is_ok(kms_audit_append(k, &r)) || r.seq == 0)
+                res = kms_audit_append(k, &r);
+                if (!kms_is_ok(res) || r.seq == 0) {
+                    fprintf(stderr, "process %u, record %u: %s (%s)\n", p, i,
+                            kms_error_code(res.err), kms_error_detail());
                     _exit(3);
+                }
             }
             kms_close(k);
             _exit(0);
         }
+        /* Bounded: a process that failed to open never writes. */
+        struct pollfd pfd = {.fd = ready[0], .events = POLLIN};
+        assert_int_equal(poll(&pfd, 1, 60 * 1000), 1);
+        char c;
+        assert_int_equal(read(ready[0], &c, 1), 1);
     }
+    close(go[1]); /* go */
+    close(go[0]);
+    close(ready[0]);
+    close(ready[1]);
     for (unsigned p = 0; p < PROCS; p++) {
         int st = 0;
         assert_int_equal(waitpid(pids[p], &st, 0), pids[p]);
