@@ -3,19 +3,19 @@
  *
  * Layout in LMDB:
  *   audit["<u64 BE seq>"]    = hash_seq (32 bytes) || canonical record bytes
- *   meta["audit.tail"]       = u64 BE seq || hash_seq      (chain head)
+ *   meta["audit.tail"]       = u64 BE seq || hash_seq      (the stored chain head)
  *   meta["audit.anchor"]     = signed position before the first stored record
  *   meta["audit.head.<seq>"] = signed heads (u64 BE seq in the key)
  *   meta["audit.sigkey"]     = CKA_ID of the HSM signing key pair
  *
  * Group commit: request threads queue a waiter (and either block on it or,
  * through kms_audit_submit, go on and are called back); one committer
- * thread per process begins a write transaction, takes everything queued
- * at that moment, writes it (reading the tail inside the transaction, so
- * processes sharing the store extend one chain: LMDB serialises their
- * writers) and commits with its data pages synced; once the next commit or
- * an explicit sync has made its meta page durable too, it tells each
- * waiter the result.
+ * thread per process takes everything queued, numbers and chains it after
+ * the tail under the journal's append lock (shared by every process, so
+ * they extend one chain), writes it to the journal, syncs, and tells each
+ * waiter the result. An ingester thread moves journaled records into the
+ * LMDB audit database in batches; readers do so first (docs/audit.md,
+ * "Durability: the audit journal").
  */
 #define _GNU_SOURCE
 #include "kms_audit.h"

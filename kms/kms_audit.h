@@ -13,9 +13,11 @@
  * Writers (request threads of any process sharing the store) call
  * kms_audit_append(), which queues the record and blocks until one
  * committer thread of the process has written it, with everything else
- * queued at that moment, in one LMDB write transaction (group commit).
- * The chain tail is read inside that transaction, so processes sharing the
- * store extend one chain.
+ * queued at that moment, to the store's audit journal and synced it
+ * (group commit, kms_journal.h). The chain tail is read under the
+ * journal's lock, shared by every process, so processes sharing the store
+ * extend one chain; the records move into LMDB later, in batches, and
+ * every reader below moves them first.
  *
  * All functions are thread-safe.
  */
@@ -93,8 +95,8 @@ KMS_RESULT kms_audit_flush(kms *k);
  * not recovered, or when the store has no room left for records. */
 KMS_RESULT kms_audit_ready(kms *k);
 
-/* Appends r to the chain and returns once it is durable (committed with
- * sync). Sets r->seq (and r->time when it was 0) and r->hash. Strings are
+/* Appends r to the chain and returns once it is durable (written to the
+ * journal and synced). Sets r->seq (and r->time when it was 0) and r->hash. Strings are
  * truncated to their fields. KMS_ERR_AUDIT_UNAVAILABLE if the record
  * could not be written. */
 KMS_RESULT kms_audit_append(kms *k, kms_audit_record *r);
