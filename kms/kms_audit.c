@@ -85,6 +85,7 @@ struct kms_audit {
     /* The ingester waits on ingest_cv for records journaled (to_ingest). */
     pthread_cond_t ingest_cv;
     uint64_t to_ingest;
+    bool ingester_idle; /* waiting for records, not for its interval */
     bool ingest_stop;
     pthread_t ingester;
     bool ingester_started;
@@ -948,8 +949,11 @@ static void *audit_committer(void *argp)
         a->failed = !kms_is_ok(r);
         a->last_commit_ns = took;
         if (kms_is_ok(r)) {
+            /* Woken only from idle: while it waits out its interval the
+             * ingester needs no signal per append (a context switch each). */
+            if (a->to_ingest == 0 && a->ingester_idle)
+                pthread_cond_signal(&a->ingest_cv);
             a->to_ingest += b.count;
-            pthread_cond_signal(&a->ingest_cv);
         }
         pthread_mutex_unlock(&a->mu);
         if (kms_is_ok(r)) {
@@ -981,8 +985,10 @@ static void *audit_ingester(void *argp)
     struct kms_audit *a = k->audit;
     pthread_mutex_lock(&a->mu);
     for (;;) {
+        a->ingester_idle = true;
         while (a->to_ingest == 0 && !a->ingest_failed && !a->ingest_stop)
             pthread_cond_wait(&a->ingest_cv, &a->mu);
+        a->ingester_idle = false;
         if (a->ingest_stop)
             break;
         struct timespec ts = audit_deadline(AUDIT_INGEST_EVERY_MS * 1000000L);
