@@ -29,3 +29,11 @@ if(TARGET kmsd AND TARGET kms_testlib AND TARGET kmsctl_core)
     TIMEOUT 300)
   add_dependencies(api_audit_test kmsd kmsctl)
 endif()
+
+if(COMMAND kms_add_fuzz)
+  kms_add_fuzz(fuzz_journal
+    SOURCES fuzz/fuzz_journal.c
+    LIBS kms_core
+    CORPUS fuzz/corpus/fuzz_journal
+    MUTATIONS 3000)
+endif()

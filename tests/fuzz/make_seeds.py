@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Writes the seed corpora of fuzz_token and fuzz_base64.
+"""Writes the seed corpora of fuzz_token, fuzz_base64 and fuzz_journal.
 
 The tokens are well-formed (format: docs/ciphertext-format.md) with
 arbitrary nonce/ciphertext/tag bytes: the codec does not decrypt, so the
-seeds need no key. Run from anywhere; rewrites tests/fuzz/corpus/fuzz_*/.
+seeds need no key. The journals are chained audit frames (format:
+kms/kms_journal.h). Run from anywhere; rewrites tests/fuzz/corpus/fuzz_*/.
 """
 import base64
+import hashlib
 import os
 import struct
 
@@ -57,3 +59,31 @@ for n, b in {
     "bad-pad.txt": b"Zh==",
 }.items():
     write("fuzz_base64", n, b)
+
+
+def journal_frame(seq, prev, rec):
+    h = hashlib.sha256(prev + rec).digest()
+    body = struct.pack("<4sIQ", b"KRM1", len(rec), seq) + prev + h + rec
+    return body + bytes((-len(body)) % 8), h
+
+
+def journal(first, n, prev=bytes(32)):
+    out = b""
+    for s in range(first, first + n):
+        rec = (
+            '{"seq":%d,"time":1700000000,"identity":"app","source":"127.0.0.1:4242",'
+            '"request_id":"req-%d","operation":"wrap","key":"orders","version":1,'
+            '"to_version":0,"items":0,"status":200,"result":"ok","prev":"%s"}' % (s, s, prev.hex())
+        ).encode()
+        fr, prev = journal_frame(s, prev, rec)
+        out += fr
+    return out
+
+
+write("fuzz_journal", "three-frames.bin", journal(1, 3))
+write(
+    "fuzz_journal",
+    "from-41-torn-tail.bin",
+    journal(41, 2, prev=bytes(range(32))) + b"KRM1" + b"\x90\x00\x00\x00" + b"\x5a" * 60,
+)
+write("fuzz_journal", "empty.bin", b"")
