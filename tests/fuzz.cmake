@@ -2,7 +2,8 @@
 #
 # A fuzz target is a file defining
 #     int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-# (and optionally LLVMFuzzerInitialize). It must return 0 and abort() when an
+# (and optionally LLVMFuzzerInitialize; fuzz/fuzz_check.h declares it and
+# CHECK). It must return 0 and abort() when an
 # invariant breaks; it must not leak, exit, or keep state between calls.
 #
 # Register one from your area's tests/<area>.cmake (this file is included by

@@ -1,11 +1,10 @@
 /* Fuzz target: the kmsd configuration file parser. */
+#include "fuzz_check.h"
 #include "kms_api.h"
 
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {

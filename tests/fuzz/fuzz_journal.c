@@ -22,16 +22,9 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fuzz_check.h"
 #include "kms_hash.h"
 #include "kms_journal.h"
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-#define CHECK(c)     \
-    do {             \
-        if (!(c))    \
-            abort(); \
-    } while (0)
 
 /* One scratch directory for the process (the file is rewritten each call),
  * removed at exit. */

@@ -1,11 +1,10 @@
 /* Fuzz target: the JSON request parsers of every route that takes a body.
  * The first byte picks the parser, the rest is the body. */
+#include "fuzz_check.h"
 #include "kms_api_internal.h"
 
 #include <stdint.h>
 #include <stdlib.h>
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 static bool expected(kms_err e)
 {

@@ -1,10 +1,9 @@
 /* Fuzz target: the authorization policy parser and matcher. */
+#include "fuzz_check.h"
 #include "kms_api.h"
 
 #include <stdint.h>
 #include <stdlib.h>
-
-int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
