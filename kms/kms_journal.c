@@ -412,6 +412,13 @@ bool kms_journal_hint(const kms_journal *j, uint64_t seq, uint64_t *off)
     return true;
 }
 
+bool kms_journal_ingested(const kms_journal *j)
+{
+    /* The hint is set only after an ingest committed everything below it,
+     * and cleared when the journal starts over. */
+    return j->h->hint_off == kms_journal_end(j);
+}
+
 void kms_journal_hint_set(kms_journal *j, uint64_t seq, uint64_t off)
 {
     j->h->hint_seq = seq;

@@ -115,5 +115,7 @@ void kms_journal_ingest_unlock(kms_journal *j);
 /* Where the frame after `seq` starts, if the last ingest left that hint. */
 bool kms_journal_hint(const kms_journal *j, uint64_t seq, uint64_t *off);
 void kms_journal_hint_set(kms_journal *j, uint64_t seq, uint64_t off);
+/* Nothing was written since the last ingest ended (under the ingest lock). */
+bool kms_journal_ingested(const kms_journal *j);
 
 #endif
