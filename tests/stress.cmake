@@ -48,6 +48,13 @@ if(TARGET kms-bench)
   set_tests_properties(kms_bench_smoke PROPERTIES LABELS integration TIMEOUT 120
     ENVIRONMENT "KMS_SOFTHSM_MODULE=${KMS_SOFTHSM_MODULE}"
     PASS_REGULAR_EXPRESSION "\"ratio_unwrap\":\\[[0-9.]+,[0-9.]+,[0-9.]+\\]")
+  # Its audit mode likewise: off and on alternate, the audit starts and
+  # stops between slices, and both cells have a figure.
+  add_test(NAME kms_bench_audit_smoke
+    COMMAND kms-bench audit --throwaway --seconds 1 --connections 1,4 --json)
+  set_tests_properties(kms_bench_audit_smoke PROPERTIES LABELS integration TIMEOUT 120
+    ENVIRONMENT "KMS_SOFTHSM_MODULE=${KMS_SOFTHSM_MODULE}"
+    PASS_REGULAR_EXPRESSION "\"threads\":4,\"audit_off\":[1-9][0-9.]*,\"audit_on\":[1-9][0-9.]*,")
 endif()
 if(TARGET kms_scale_test)
   # cmocka exits 0 for a skipped test: let ctest say "skipped" (the
