@@ -980,7 +980,7 @@ static void *audit_committer(void *argp)
 
 /* Moves journaled records into the store at most every AUDIT_INGEST_EVERY_MS,
  * off the answers' path. While that fails (a full store), requests are
- * refused and the ingest is retried as often. */
+ * refused and the ingest is retried every AUDIT_PROBE_EVERY_MS. */
 static void *audit_ingester(void *argp)
 {
     kms *k = argp;
@@ -993,7 +993,10 @@ static void *audit_ingester(void *argp)
         a->ingester_idle = false;
         if (a->ingest_stop)
             break;
-        struct timespec ts = audit_deadline(AUDIT_INGEST_EVERY_MS * 1000000L);
+        /* While the store takes no records, retry at the probe's pace: each
+         * attempt on a full store tries ever smaller transactions. */
+        long every_ms = a->ingest_failed ? AUDIT_PROBE_EVERY_MS : AUDIT_INGEST_EVERY_MS;
+        struct timespec ts = audit_deadline(every_ms * 1000000L);
         while (!a->ingest_stop && pthread_cond_timedwait(&a->ingest_cv, &a->mu, &ts) != ETIMEDOUT) {
         }
         if (a->ingest_stop)
