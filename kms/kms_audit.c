@@ -683,14 +683,14 @@ static kms_result audit_ingest_write(kms_txn *t, void *argp)
 }
 
 /* Under the ingest lock: everything below the journal's end into the
- * store, in transactions whose meta pages are synced by the next commit
- * or sync (the journal is reused only after kms_store_sync). */
+ * store, in transactions durable when they commit (so the journal may be
+ * reused as soon as they have). */
 static KMS_RESULT audit_ingest_locked(kms *k, audit_ingest_arg *g)
 {
     struct kms_audit *a = k->audit;
     *g = (audit_ingest_arg){.j = a->journal, .max = AUDIT_INGEST_MAX};
     do {
-        kms_result r = kms_store_write_deferred(k->store, audit_ingest_write, g);
+        kms_result r = kms_store_write(k->store, audit_ingest_write, g);
         if (r.err == KMS_ERR_STORE_FULL && g->max > 1) {
             /* As much as fits: pages freed by pruning become reusable only
              * after a later transaction commits, so a small one first. */
@@ -724,16 +724,14 @@ static KMS_RESULT audit_ingest(kms *k)
     return r;
 }
 
-/* Under the append lock: once every record is in the store and the
- * store is synced, the journal starts over from its beginning. */
+/* Under the append lock: once every record is in the store, the journal
+ * starts over from its beginning. */
 static KMS_RESULT audit_journal_recycle(kms *k)
 {
     kms_journal *j = k->audit->journal;
     KMS_GUARD(kms_journal_ingest_lock(j, true, NULL));
     audit_ingest_arg g;
     kms_result r = audit_ingest_locked(k, &g);
-    if (kms_is_ok(r))
-        r = kms_store_sync(k->store);
     if (kms_is_ok(r)) {
         uint64_t seq;
         uint8_t hash[KMS_AUDIT_HASH_BYTES];
@@ -762,10 +760,7 @@ static KMS_RESULT audit_journal_rebuild(kms *k)
     audit_pos p;
     kms_result r = kms_store_read(k->store, audit_tail_read, &p);
     if (kms_is_ok(r) && (s.n == 0 || s.last_seq <= p.seq)) {
-        /* The store's tail must be durable before the frames go. */
-        r = kms_store_sync(k->store);
-        if (kms_is_ok(r))
-            kms_journal_set(j, KMS_JOURNAL_DATA_OFF, p.seq, p.hash);
+        kms_journal_set(j, KMS_JOURNAL_DATA_OFF, p.seq, p.hash);
     } else if (kms_is_ok(r)) {
         if (s.first_seq > p.seq + 1)
             r = kms_error_raisef(KMS_ERR_STORE_CORRUPT, __FILE__, __LINE__,
@@ -1249,11 +1244,9 @@ void kms_audit_stop(kms *k)
     if (a->ingester_started)
         pthread_join(a->ingester, NULL);
     if (a->journal != NULL) {
-        /* Everything journaled into the store, durably, before the last
-         * signed head: a clean stop leaves the store whole by itself. */
+        /* Everything journaled into the store before the last signed
+         * head: a clean stop leaves the store whole by itself. */
         kms_result r = audit_ingest(k);
-        if (kms_is_ok(r))
-            r = kms_store_sync(k->store);
         if (!kms_is_ok(r))
             fprintf(stderr,
                     "kmsd: audit: journaled records stay in the journal (%s: %s); the next "

@@ -19,7 +19,8 @@
  * with hash = SHA-256(prev || bytes), which is the audit chain's own link
  * (kms_audit.h), so that a frame checks itself and its predecessor: a
  * torn or stale frame fails the hash or does not continue the chain, and
- * a scan from the start stops there. Integers are little-endian.
+ * a scan from the start stops there. Integers are in the host's byte
+ * order: only the machine that wrote a journal reads it.
  *
  * Locks (open file description locks, so that they also exclude other
  * kms instances of the same process, each paired with a mutex for the

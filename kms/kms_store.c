@@ -146,7 +146,7 @@ static kms_result kms_store_init_dbs(kms_store *s)
     rc = mdb_txn_commit(txn);
     if (rc != MDB_SUCCESS)
         KMS_MDB_BAIL(rc, "mdb_txn_commit");
-    return kms_store_sync(s);
+    return KMS_OK_RESULT;
 }
 
 KMS_RESULT kms_store_open(const char *path, size_t map_initial, size_t map_max, kms_store **out)
@@ -172,13 +172,7 @@ KMS_RESULT kms_store_open(const char *path, size_t map_initial, size_t map_max, 
     }
     /* MDB_NOTLS: read transactions are not tied to a thread's slot, so a
      * transaction may be used by whichever pool thread runs the request. */
-    /* MDB_NOMETASYNC: a commit syncs its data pages and writes the meta
-     * page without syncing it. Every write below then syncs explicitly
-     * (kms_store_write: durable when it returns, as with LMDB's default),
-     * except the audit's deferred commits, which are made durable by the
-     * data sync of the next commit or by kms_store_sync: one sync per
-     * audit commit instead of two (docs/audit.md, "Durability"). */
-    rc = mdb_env_open(s->env, path, MDB_NOTLS | MDB_NOMETASYNC, 0600);
+    rc = mdb_env_open(s->env, path, MDB_NOTLS, 0600);
     if (rc != MDB_SUCCESS) {
         r = kms_store_error(rc, "mdb_env_open", __FILE__, __LINE__);
         goto fail;
@@ -245,7 +239,7 @@ static void kms_store_adopt(kms_store *s)
     pthread_rwlock_unlock(&s->grow_lock);
 }
 
-static kms_result kms_store_run(kms_store *s, kms_store_fn fn, void *arg, bool write, bool deferred)
+static kms_result kms_store_run(kms_store *s, kms_store_fn fn, void *arg, bool write)
 {
     for (int attempt = 0; attempt < KMS_STORE_RETRIES_MAX; attempt++) {
         struct kms_txn t = {.s = s};
@@ -287,8 +281,6 @@ static kms_result kms_store_run(kms_store *s, kms_store_fn fn, void *arg, bool w
         }
         if (rc != MDB_SUCCESS)
             KMS_MDB_BAIL(rc, "mdb_txn_commit");
-        if (!deferred)
-            KMS_GUARD(kms_store_sync(s));
         return KMS_OK_RESULT;
     }
     KMS_BAIL_MSG(KMS_ERR_STORE_BUSY, "transaction retried too often");
@@ -296,27 +288,12 @@ static kms_result kms_store_run(kms_store *s, kms_store_fn fn, void *arg, bool w
 
 KMS_RESULT kms_store_read(kms_store *s, kms_store_fn fn, void *arg)
 {
-    return kms_store_run(s, fn, arg, false, false);
+    return kms_store_run(s, fn, arg, false);
 }
 
 KMS_RESULT kms_store_write(kms_store *s, kms_store_fn fn, void *arg)
 {
-    return kms_store_run(s, fn, arg, true, false);
-}
-
-KMS_RESULT kms_store_write_deferred(kms_store *s, kms_store_fn fn, void *arg)
-{
-    return kms_store_run(s, fn, arg, true, true);
-}
-
-KMS_RESULT kms_store_sync(kms_store *s)
-{
-    /* fdatasync of the data file: every page and meta page written
-     * before it, by any transaction of this environment, is durable. */
-    int rc = mdb_env_sync(s->env, 1);
-    if (rc != MDB_SUCCESS)
-        KMS_MDB_BAIL(rc, "mdb_env_sync");
-    return KMS_OK_RESULT;
+    return kms_store_run(s, fn, arg, true);
 }
 
 KMS_RESULT kms_txn_get(kms_txn *t, kms_db db, const void *key, size_t klen, const uint8_t **val,

@@ -43,15 +43,6 @@ KMS_RESULT kms_store_read(kms_store *s, kms_store_fn fn, void *arg);
 /* Runs fn in a write transaction and commits if it succeeded; aborts
  * otherwise. fn may run more than once (map growth). */
 KMS_RESULT kms_store_write(kms_store *s, kms_store_fn fn, void *arg);
-/* kms_store_write whose commit is not yet durable when it returns: its
- * data pages are synced but its meta page is not, so a power loss may
- * undo it (never corrupt the store). It becomes durable with the next
- * commit of this environment (whose data sync covers the meta page written
- * before it) or kms_store_sync. The audit's group commit uses it to pay
- * one sync per commit. */
-KMS_RESULT kms_store_write_deferred(kms_store *s, kms_store_fn fn, void *arg);
-/* Makes every commit of this environment so far durable. */
-KMS_RESULT kms_store_sync(kms_store *s);
 
 /* Values point into the map: valid until the transaction ends. */
 KMS_RESULT kms_txn_get(kms_txn *t, kms_db db, const void *key, size_t klen, const uint8_t **val,

@@ -39,6 +39,16 @@ static void rec_fill(kms_audit_record *r, const char *identity, const char *op, 
     r->status = 200;
 }
 
+/* Appends wraps of "app" on "orders", versions first..last. */
+static void append_wraps(kms *k, unsigned first, unsigned last)
+{
+    for (unsigned v = first; v <= last; v++) {
+        kms_audit_record r;
+        rec_fill(&r, "app", "wrap", "orders", v);
+        assert_ok(kms_audit_append(k, &r));
+    }
+}
+
 /* Recomputes the chain over every stored record from the anchor. */
 typedef struct {
     uint8_t h[KMS_AUDIT_HASH_BYTES];
@@ -625,20 +635,12 @@ static void test_journal_refuses_a_gap(void **state)
     kms_fx *f = kms_fx_new(0);
     kms_audit_config small = {.enabled = true, .journal_bytes = 64 * 1024};
     assert_ok(kms_audit_start(f->k, &small));
-    for (unsigned i = 0; i < 5; i++) {
-        kms_audit_record r;
-        rec_fill(&r, "app", "wrap", "orders", i + 1);
-        assert_ok(kms_audit_append(f->k, &r));
-    }
+    append_wraps(f->k, 1, 5);
     char backup[PATH_MAX / 2];
     snprintf(backup, sizeof(backup), "%s/backup", f->tok.dir);
     assert_int_equal(mkdir(backup, 0700), 0);
     assert_ok(kms_backup(f->k, backup));
-    for (unsigned i = 5; i < 400; i++) { /* 400 frames: the 64 KiB journal is reused */
-        kms_audit_record r;
-        rec_fill(&r, "app", "wrap", "orders", i + 1);
-        assert_ok(kms_audit_append(f->k, &r));
-    }
+    append_wraps(f->k, 6, 400); /* 400 frames: the 64 KiB journal is reused */
     kms_close(f->k);
     f->k = NULL;
 
