@@ -1599,6 +1599,21 @@ done:
 
 /* ---- libmicrohttpd callbacks ---- */
 
+/* While draining, a new connection is closed as soon as it is accepted.
+ * This stands in for MHD_quiesce_daemon, which cannot be used with an epoll
+ * thread pool: it removes the listening socket from each pool thread's
+ * epoll set from the calling thread while those threads, seeing the daemon
+ * quiesced, may remove it themselves, and the loser of that race aborts the
+ * process ("Failed to remove listen FD from epoll set", libmicrohttpd
+ * 0.9.75; seen as a worker killed by SIGABRT while stopping). */
+static enum MHD_Result on_accept(void *cls, const struct sockaddr *addr, socklen_t addrlen)
+{
+    (void)addr;
+    (void)addrlen;
+    const kms_api_server *s = cls;
+    return atomic_load(&s->draining) ? MHD_NO : MHD_YES;
+}
+
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe)
 {
@@ -1979,7 +1994,7 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
             {MHD_OPTION_THREAD_POOL_SIZE, (intptr_t)(threads > 1 ? threads : 0), NULL},
             {MHD_OPTION_END, 0, NULL},
         };
-        s->daemons[i] = MHD_start_daemon(flags, 0, NULL, NULL, on_request, s, MHD_OPTION_ARRAY,
+        s->daemons[i] = MHD_start_daemon(flags, 0, on_accept, s, on_request, s, MHD_OPTION_ARRAY,
                                          opts, MHD_OPTION_END);
         if (s->daemons[i] == NULL) {
             res = kms_error_raisef(KMS_ERR_IO, __FILE__, __LINE__,
@@ -2057,15 +2072,10 @@ static void held_drain(kms_api_server *s)
 
 void kms_api_server_shutdown(kms_api_server *s)
 {
+    /* From here new connections are refused (on_accept); the listening
+     * sockets are closed with their daemons below, which closes only this
+     * process's copies (a supervisor keeps its own). */
     atomic_store(&s->draining, true);
-    for (size_t i = 0; i < s->daemon_count; i++) {
-        /* Quiescing hands the listening socket back; closing it here closes
-         * only this process's copy (a supervisor keeps its own). */
-        MHD_socket fd = MHD_quiesce_daemon(s->daemons[i]);
-        if (fd != MHD_INVALID_SOCKET) {
-            close(fd);
-        }
-    }
     /* Drain: requests already received are answered; bounded wait. */
     struct timespec t0, now;
     clock_gettime(CLOCK_MONOTONIC, &t0);
