@@ -660,7 +660,9 @@ static void test_curl_cli(void **state)
     assert_int_equal(system(cmd), 0);
 }
 
-static bool log_contains(const char *needle)
+/* Whether kmsd's log has a line containing needle; with print, every such
+ * line is also printed (as a test diagnostic). */
+static bool log_lines(const char *needle, bool print)
 {
     FILE *fp = fopen(F.log, "r");
     char line[2048];
@@ -668,12 +670,20 @@ static bool log_contains(const char *needle)
     while (fp != NULL && fgets(line, sizeof(line), fp) != NULL) {
         if (strstr(line, needle) != NULL) {
             found = true;
+            if (print) {
+                printf("# kmsd: %s", line);
+            }
         }
     }
     if (fp != NULL) {
         fclose(fp);
     }
     return found;
+}
+
+static bool log_contains(const char *needle)
+{
+    return log_lines(needle, false);
 }
 
 static void test_sighup_policy(void **state)
@@ -911,6 +921,11 @@ static void run_sigterm_under_load(void)
         bad += ls[i].answered_bad;
     }
     printf("# SIGTERM under load: %d answered, %d answered wrongly\n", answered, bad);
+    if (status != 0) {
+        /* What the workers said, for the record of a failed run. */
+        (void)log_lines("warn", true);
+        (void)log_lines("error", true);
+    }
     assert_int_equal(status, 0);
     assert_true(answered > 0);
     assert_int_equal(bad, 0);
