@@ -56,6 +56,15 @@ if(TARGET kms-bench)
     ENVIRONMENT "KMS_SOFTHSM_MODULE=${KMS_SOFTHSM_MODULE}"
     PASS_REGULAR_EXPRESSION "\"threads\":4,\"audit_off\":[1-9][0-9.]*,\"audit_on\":[1-9][0-9.]*,")
 endif()
+# Its http mode against a throwaway kmsd (bench-http.sh): every cell answers,
+# connections spread over client threads, the open loop keeps its rate.
+if(TARGET kms-bench AND TARGET kmsd AND TARGET kms-token)
+  add_test(NAME kms_bench_http_smoke
+    COMMAND ${CMAKE_SOURCE_DIR}/tests/stress/bench-http-smoke.sh ${CMAKE_BINARY_DIR})
+  set_tests_properties(kms_bench_http_smoke PROPERTIES LABELS integration TIMEOUT 180
+    ENVIRONMENT "KMS_SOFTHSM_MODULE=${KMS_SOFTHSM_MODULE}"
+    PASS_REGULAR_EXPRESSION "bench-http-smoke: ok")
+endif()
 if(TARGET kms_scale_test)
   # cmocka exits 0 for a skipped test: let ctest say "skipped" (the
   # sanitizer build skips the scale test, see scale_test.c).

@@ -30,8 +30,9 @@ typedef struct {
     unsigned conns[KMS_BENCH_MAX_CONNS_LIST];
     size_t n_conns;
     long server_pid;
-    double rate;     /* total requests/s offered per single-item run; 0 = closed loop */
-    const char *ops; /* http: comma-separated operations to run; NULL = all */
+    double rate;             /* total requests/s offered per single-item run; 0 = closed loop */
+    const char *ops;         /* http: comma-separated operations to run; NULL = all */
+    unsigned client_threads; /* http: threads driving the connections; 0 = one per 16 */
     /* both */
     double seconds;
     size_t size;

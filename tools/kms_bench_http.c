@@ -1,7 +1,9 @@
 /*
  * kms-bench http: drives a running kmsd over HTTPS with keep-alive clients
- * (one libcurl easy handle per connection, one thread each, so that a
- * connection count is exactly that many TLS connections) and reports
+ * (one libcurl easy handle per connection, so that a connection count is
+ * exactly that many TLS connections, driven by a few client threads through
+ * libcurl's multi interface, so that the client's own threads do not crowd
+ * the server's CPUs) and reports
  * requests/s, latency percentiles and the server's CPU time per request,
  * next to the floor (/healthz) and the raw PKCS#11 baseline.
  */
@@ -17,16 +19,18 @@
 #include <time.h>
 #include <jansson.h>
 #include <pthread.h>
+#include <sys/timerfd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#define HTTP_BATCH_ITEMS   1000
-#define HTTP_LAT_MAX       (1u << 22) /* latencies kept per thread */
-#define HTTP_TARGET_CPU    1.25       /* CPU per wrap <= 1.25 x (floor + raw op) */
-#define HTTP_TARGET_BATCH  0.8        /* rewrap items/s >= 0.8 x raw dec+enc */
-#define HTTP_TARGET_P99_MS 2.0        /* p99 wrap at 16 connections */
+#define HTTP_BATCH_ITEMS      1000
+#define HTTP_LAT_MAX          (1u << 22) /* latencies kept per client thread */
+#define HTTP_CONNS_PER_THREAD 16         /* default connections per client thread */
+#define HTTP_TARGET_CPU       1.25       /* CPU per wrap <= 1.25 x (floor + raw op) */
+#define HTTP_TARGET_BATCH     0.8        /* rewrap items/s >= 0.8 x raw dec+enc */
+#define HTTP_TARGET_P99_MS    2.0        /* p99 wrap at 16 connections */
 
 typedef enum { H_HEALTHZ = 0, H_WRAP, H_UNWRAP, H_DATAKEY, H_REWRAP_BATCH, H_COUNT } http_op;
 
@@ -111,9 +115,8 @@ static void client_free(http_client *c)
     memset(c, 0, sizeof(*c));
 }
 
-/* One request on the client's connection (kept alive between calls).
- * Returns the HTTP status, or -1 on a transport error. */
-static long client_do(http_client *c, const char *url, const char *body)
+/* Points an idle connection's handle at the next request. */
+static void client_prepare(http_client *c, const char *url, const char *body)
 {
     c->resp_len = 0;
     if (c->resp != NULL) {
@@ -126,6 +129,13 @@ static long client_do(http_client *c, const char *url, const char *body)
     } else {
         curl_easy_setopt(c->h, CURLOPT_HTTPGET, 1L);
     }
+}
+
+/* One request on the client's connection (kept alive between calls).
+ * Returns the HTTP status, or -1 on a transport error. */
+static long client_do(http_client *c, const char *url, const char *body)
+{
+    client_prepare(c, url, body);
     if (curl_easy_perform(c->h) != CURLE_OK) {
         return -1;
     }
@@ -201,68 +211,201 @@ static double server_cpu(long server_pid)
 
 /* ---- load threads ---- */
 
+/* One connection of a load thread: its easy handle and its request in
+ * flight. */
+typedef struct {
+    http_client c;
+    double sent; /* when the request in flight was due (open loop) or sent */
+    double next; /* open loop: when the next request is due */
+    bool busy;
+} load_conn;
+
 typedef struct {
     const kms_bench_opts *o;
     const char *url;
     const char *body;
     double seconds;
     pthread_barrier_t *start;
-    double interval; /* open loop: seconds between this thread's sends; 0 = closed loop */
-    double phase;    /* open loop: offset of this thread's first send */
+    unsigned first, n; /* this thread's connections: [first, first + n) of the cell's */
+    unsigned conns;    /* the cell's connections, all threads */
+    double interval;   /* open loop: seconds between one connection's sends; 0 = closed loop */
     uint32_t *lat_us;
     size_t n_lat;
     uint64_t ok, errors;
     long last_bad_status;
-    double elapsed;
 } load_thread;
 
+static bool load_send(load_thread *t, CURLM *m, load_conn *lc, double due)
+{
+    client_prepare(&lc->c, t->url, t->body);
+    if (curl_multi_add_handle(m, lc->c.h) != CURLM_OK) {
+        return false;
+    }
+    lc->sent = due;
+    lc->busy = true;
+    return true;
+}
+
+/* Takes the answers libcurl has finished and returns how many; with
+ * counting false (the warm-up) it only counts the failed ones. */
+static unsigned load_collect(load_thread *t, CURLM *m, bool counting)
+{
+    unsigned done = 0;
+    int left = 0;
+    CURLMsg *msg;
+    while ((msg = curl_multi_info_read(m, &left)) != NULL) {
+        if (msg->msg != CURLMSG_DONE) {
+            continue;
+        }
+        double b = kms_bench_now();
+        load_conn *lc = NULL;
+        (void)curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&lc);
+        long st = -1;
+        if (msg->data.result == CURLE_OK) {
+            (void)curl_easy_getinfo(msg->easy_handle, CURLINFO_RESPONSE_CODE, &st);
+        }
+        (void)curl_multi_remove_handle(m, msg->easy_handle);
+        if (st == 200 && counting) {
+            t->ok++;
+            if (t->n_lat < HTTP_LAT_MAX) {
+                t->lat_us[t->n_lat++] = (uint32_t)((b - lc->sent) * 1e6);
+            }
+        } else if (st != 200) {
+            t->errors++;
+            t->last_bad_status = st;
+        }
+        lc->busy = false;
+        done++;
+    }
+    return done;
+}
+
+/* Warm-up: one request on every connection at once, so that each opens its
+ * own TLS connection (handshakes are not part of the measurement) in the
+ * multi handle's connection cache, where the measured requests find them. */
+static bool load_warm(load_thread *t, CURLM *m, load_conn *cs)
+{
+    for (unsigned i = 0; i < t->n; i++) {
+        if (!load_send(t, m, &cs[i], 0)) {
+            return false;
+        }
+    }
+    for (unsigned left = t->n; left > 0;) {
+        int running = 0;
+        if (curl_multi_perform(m, &running) != CURLM_OK) {
+            return false;
+        }
+        left -= load_collect(t, m, false);
+        if (left > 0 && curl_multi_poll(m, NULL, 0, 1000, NULL) != CURLM_OK) {
+            return false;
+        }
+    }
+    return t->errors == 0;
+}
+
+/* Arms an absolute CLOCK_MONOTONIC timer for the next due send (open loop):
+ * libcurl's own wait takes milliseconds, a send is due to the microsecond. */
+static void load_arm(int tfd, double at)
+{
+    struct itimerspec its = {0};
+    its.it_value.tv_sec = (time_t)at;
+    its.it_value.tv_nsec = (long)((at - (double)(time_t)at) * 1e9);
+    if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) {
+        its.it_value.tv_nsec = 1; /* zero would disarm */
+    }
+    (void)timerfd_settime(tfd, TFD_TIMER_ABSTIME, &its, NULL);
+}
+
+/* One client thread: its connections on one libcurl multi handle, each
+ * sending its next request as soon as its last is answered (closed loop) or
+ * when it is due (open loop). */
 static void *load_run(void *arg)
 {
     load_thread *t = arg;
-    http_client c;
-    bool usable = client_init(&c, t->o, t->o->cert, t->o->key) == 0;
-    /* Warm-up request: the TLS handshake is not part of the measurement. */
-    if (usable && client_do(&c, t->url, t->body) != 200) {
-        usable = false;
+    load_conn *cs = calloc(t->n, sizeof(*cs));
+    CURLM *m = curl_multi_init();
+    int tfd = t->interval > 0 ? timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK) : -1;
+    bool usable = cs != NULL && m != NULL && (t->interval <= 0 || tfd >= 0);
+    if (usable) {
+        /* Connections live in the multi handle's cache, whose default size
+         * follows the handles in use at the moment: at a low rate it would
+         * close idle connections and the next request would pay a new
+         * handshake. Exactly n, kept open. */
+        (void)curl_multi_setopt(m, CURLMOPT_MAXCONNECTS, (long)t->n);
+        (void)curl_multi_setopt(m, CURLMOPT_MAX_HOST_CONNECTIONS, (long)t->n);
     }
-    (void)pthread_barrier_wait(t->start);
-    double t0 = kms_bench_now(), end = t0 + t->seconds, next = t0 + t->phase;
-    while (usable) {
-        double a;
-        if (t->interval > 0) {
-            /* Open loop: send at the scheduled time, and count latency from
-             * it, so that time spent waiting for a late server counts. */
-            if (next >= end) {
-                break;
-            }
-            struct timespec ts = {(time_t)next, (long)((next - (double)(time_t)next) * 1e9)};
-            while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {
-            }
-            a = next;
-            next += t->interval;
-        } else {
-            a = kms_bench_now();
-            if (a >= end) {
-                break;
-            }
+    for (unsigned i = 0; usable && i < t->n; i++) {
+        usable = client_init(&cs[i].c, t->o, t->o->cert, t->o->key) == 0;
+        if (usable) {
+            curl_easy_setopt(cs[i].c.h, CURLOPT_PRIVATE, &cs[i]);
         }
-        long st = client_do(&c, t->url, t->body);
-        double b = kms_bench_now();
-        if (st == 200) {
-            t->ok++;
-            if (t->n_lat < HTTP_LAT_MAX) {
-                t->lat_us[t->n_lat++] = (uint32_t)((b - a) * 1e6);
+    }
+    usable = usable && load_warm(t, m, cs);
+    (void)pthread_barrier_wait(t->start);
+    double t0 = kms_bench_now(), end = t0 + t->seconds;
+    for (unsigned i = 0; usable && i < t->n; i++) {
+        cs[i].next = t0 + t->interval * (double)(t->first + i) / (double)t->conns;
+    }
+    while (usable) {
+        double now = kms_bench_now(), wake = end;
+        unsigned busy = 0;
+        for (unsigned i = 0; usable && i < t->n; i++) {
+            load_conn *lc = &cs[i];
+            if (!lc->busy && t->interval <= 0 && now < end) {
+                usable = load_send(t, m, lc, now);
+            } else if (!lc->busy && t->interval > 0 && lc->next < end) {
+                if (lc->next <= now) {
+                    /* Latency counts from when it was due, so that time
+                     * spent waiting for a late server counts. */
+                    usable = load_send(t, m, lc, lc->next);
+                    lc->next += t->interval;
+                } else if (lc->next < wake) {
+                    wake = lc->next;
+                }
             }
-        } else {
-            t->errors++;
-            t->last_bad_status = st;
+            busy += lc->busy;
+        }
+        if (!usable || (busy == 0 && (t->interval <= 0 || wake >= end))) {
+            break;
+        }
+        int running = 0;
+        if (curl_multi_perform(m, &running) != CURLM_OK) {
+            usable = false;
+            break;
+        }
+        if (load_collect(t, m, true) > 0) {
+            continue; /* idle connections send at once (closed loop) */
+        }
+        struct curl_waitfd wfd = {.fd = tfd, .events = CURL_WAIT_POLLIN};
+        unsigned nfd = 0;
+        if (tfd >= 0 && wake < end) {
+            load_arm(tfd, wake);
+            nfd = 1;
+        }
+        if (curl_multi_poll(m, nfd ? &wfd : NULL, nfd, 1000, NULL) != CURLM_OK) {
+            usable = false;
+        }
+        if (nfd) {
+            uint64_t expirations;
+            (void)!read(tfd, &expirations, sizeof(expirations));
         }
     }
     if (!usable) {
         t->errors++;
     }
-    t->elapsed = kms_bench_now() - t0;
-    client_free(&c);
+    for (unsigned i = 0; cs != NULL && i < t->n; i++) {
+        if (cs[i].busy) {
+            (void)curl_multi_remove_handle(m, cs[i].c.h);
+        }
+        client_free(&cs[i].c);
+    }
+    if (m != NULL) {
+        (void)curl_multi_cleanup(m);
+    }
+    if (tfd >= 0) {
+        close(tfd);
+    }
+    free(cs);
     return NULL;
 }
 
@@ -282,26 +425,45 @@ static int cmp_u32(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* Client threads for a cell: --client-threads, else one per
+ * HTTP_CONNS_PER_THREAD connections; never more than connections. */
+static unsigned load_threads(const kms_bench_opts *o, unsigned conns)
+{
+    unsigned n = o->client_threads > 0
+                     ? o->client_threads
+                     : (conns + HTTP_CONNS_PER_THREAD - 1) / HTTP_CONNS_PER_THREAD;
+    return n < conns ? n : conns;
+}
+
 static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, const char *url,
                         const char *body, http_result *res)
 {
-    load_thread *th = calloc(conns, sizeof(*th));
-    pthread_t *tid = calloc(conns, sizeof(*tid));
+    unsigned nth = load_threads(o, conns);
+    load_thread *th = calloc(nth, sizeof(*th));
+    pthread_t *tid = calloc(nth, sizeof(*tid));
     pthread_barrier_t bar;
-    if (th == NULL || tid == NULL || pthread_barrier_init(&bar, NULL, conns + 1) != 0) {
+    if (th == NULL || tid == NULL || pthread_barrier_init(&bar, NULL, nth + 1) != 0) {
         free(th);
         free(tid);
         return -1;
     }
-    size_t per_thread = HTTP_LAT_MAX;
-    for (unsigned i = 0; i < conns; i++) {
-        th[i] =
-            (load_thread){.o = o, .url = url, .body = body, .seconds = o->seconds, .start = &bar};
+    for (unsigned i = 0, first = 0; i < nth; i++) {
+        /* Connections as evenly as they divide: the first conns % nth
+         * threads take one more. */
+        unsigned n = conns / nth + (i < conns % nth ? 1 : 0);
+        th[i] = (load_thread){.o = o,
+                              .url = url,
+                              .body = body,
+                              .seconds = o->seconds,
+                              .start = &bar,
+                              .first = first,
+                              .n = n,
+                              .conns = conns};
+        first += n;
         if (o->rate > 0 && op != H_REWRAP_BATCH) {
             th[i].interval = (double)conns / o->rate;
-            th[i].phase = th[i].interval * (double)i / (double)conns;
         }
-        th[i].lat_us = malloc(per_thread * sizeof(uint32_t));
+        th[i].lat_us = malloc(HTTP_LAT_MAX * sizeof(uint32_t));
         if (th[i].lat_us == NULL || pthread_create(&tid[i], NULL, load_run, &th[i]) != 0) {
             abort(); /* out of memory or threads: nothing sensible to measure */
         }
@@ -312,12 +474,12 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
     uint64_t ok = 0, errors = 0;
     size_t n_lat = 0;
     long bad = 0;
-    for (unsigned i = 0; i < conns; i++) {
+    for (unsigned i = 0; i < nth; i++) {
         (void)pthread_join(tid[i], NULL);
     }
     double elapsed = kms_bench_now() - t0;
     double cpu1 = o->server_pid > 0 ? server_cpu(o->server_pid) : -1;
-    for (unsigned i = 0; i < conns; i++) {
+    for (unsigned i = 0; i < nth; i++) {
         ok += th[i].ok;
         errors += th[i].errors;
         n_lat += th[i].n_lat;
@@ -330,7 +492,7 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
         abort();
     }
     size_t k = 0;
-    for (unsigned i = 0; i < conns; i++) {
+    for (unsigned i = 0; i < nth; i++) {
         memcpy(all + k, th[i].lat_us, th[i].n_lat * sizeof(uint32_t));
         k += th[i].n_lat;
         free(th[i].lat_us);
@@ -523,8 +685,9 @@ static void report(const kms_bench_opts *o, const http_result *res, size_t n,
                    size_t n_checks)
 {
     if (o->json) {
-        json_t *j = json_pack("{s:s, s:s, s:f, s:f}", "mode", "http", "url", o->url, "seconds",
-                              o->seconds, "rate", o->rate);
+        json_t *j =
+            json_pack("{s:s, s:s, s:f, s:f, s:i}", "mode", "http", "url", o->url, "seconds",
+                      o->seconds, "rate", o->rate, "client_threads", (int)o->client_threads);
         json_t *arr = json_array();
         for (size_t i = 0; i < n; i++) {
             json_array_append_new(
@@ -559,6 +722,11 @@ static void report(const kms_bench_opts *o, const http_result *res, size_t n,
     }
     printf("kms-bench http: %s, %.1f s per cell, keep-alive, one TLS connection per client, ",
            o->url, o->seconds);
+    if (o->client_threads > 0) {
+        printf("%u client thread(s), ", o->client_threads);
+    } else {
+        printf("a client thread per %d connections, ", HTTP_CONNS_PER_THREAD);
+    }
     if (o->rate > 0) {
         printf("open loop at %.0f req/s offered (batch rewrap back to back)\n\n", o->rate);
     } else {

@@ -50,9 +50,8 @@ label="kmsd-bench-$$"
 kms_fixture_token "$tmp" "$label" "$build/tools/kms-token" "$module"
 kms_fixture_policy "$tmp/policy.json"
 
-port=$((20000 + RANDOM % 20000))
-{
-    echo "listen = 127.0.0.1:$port"
+write_conf() { # PORT
+    echo "listen = 127.0.0.1:$1"
     echo "tls_cert = $tmp/pki/server.crt"
     echo "tls_key = $tmp/pki/server.key"
     echo "tls_ca = $tmp/pki/ca.crt"
@@ -66,22 +65,41 @@ port=$((20000 + RANDOM % 20000))
     # AUDIT=off: kmsd's benchmark-only switch (docs/audit.md), to measure
     # what the durable audit trail costs.
     if [ -n "${AUDIT:-}" ]; then echo "audit = $AUDIT"; fi
-} >"$tmp/kmsd.conf"
+}
 
 # Its own process group, so kms-bench sums the CPU of every worker process.
 perf_cmd=()
 if [ -n "${PERF_DATA:-}" ]; then perf_cmd=(perf record -q ${PERF_CALLGRAPH:--g} -F 499 -o "$PERF_DATA" --); fi
 if [ -n "${STRACE_OUT:-}" ]; then perf_cmd=(strace -f -qq -e trace=pwrite64,pwritev,write,writev,fdatasync -o "$STRACE_OUT" --); fi
-setsid "${perf_cmd[@]}" "$build/tools/kmsd" --config "$tmp/kmsd.conf" 2>"$tmp/kmsd.log" &
-kmsd_pid=$!
 pki=$tmp/pki
-for _ in $(seq 1 100); do
-    if curl -fsS --cacert "$pki/ca.crt" --cert "$pki/app.crt" --key "$pki/app.key" \
-        "https://127.0.0.1:$port/healthz" >/dev/null 2>&1; then
-        break
-    fi
-    sleep 0.1
+port=""
+# A random loopback port; another one if it is taken (kmsd exits when it
+# cannot listen) or kmsd does not answer.
+for attempt in 1 2 3 4 5; do
+    candidate=$((20000 + (RANDOM * 7 + attempt * 997) % 40000))
+    if (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null; then continue; fi
+    write_conf "$candidate" >"$tmp/kmsd.conf"
+    setsid "${perf_cmd[@]}" "$build/tools/kmsd" --config "$tmp/kmsd.conf" 2>>"$tmp/kmsd.log" &
+    kmsd_pid=$!
+    for _ in $(seq 1 100); do
+        kill -0 "$kmsd_pid" 2>/dev/null || break
+        if curl -fsS --cacert "$pki/ca.crt" --cert "$pki/app.crt" --key "$pki/app.key" \
+            "https://127.0.0.1:$candidate/healthz" >/dev/null 2>&1; then
+            port=$candidate
+            break
+        fi
+        sleep 0.1
+    done
+    [ -n "$port" ] && break
+    kill -TERM -- "-$kmsd_pid" 2>/dev/null || kill -TERM "$kmsd_pid" 2>/dev/null || true
+    wait "$kmsd_pid" 2>/dev/null || true
+    kmsd_pid=""
 done
+if [ -z "$port" ]; then
+    echo "bench-http: kmsd did not come up; its log:" >&2
+    cat "$tmp/kmsd.log" >&2
+    exit 1
+fi
 
 "$build/tools/kms-bench" http --url "https://127.0.0.1:$port" \
     --cert "$pki/app.crt" --key "$pki/app.key" --cacert "$pki/ca.crt" \

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# tests/stress/bench-http-smoke.sh BUILD_DIR
+#
+# kms-bench's http mode end to end against a throwaway kmsd
+# (tests/stress/bench-http.sh), in short cells: every cell answers, the
+# connections of a cell are spread over several client threads (17 over
+# two), and the open loop sends at the rate it is asked for instead of back
+# to back. Figures are not judged here (docs/performance.md does that).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+build=${1:?usage: $0 BUILD_DIR}
+out=$(mktemp "${TMPDIR:-/tmp}/kms-bench-http-smoke-XXXXXX")
+trap 'rm -f "$out"' EXIT
+
+fail() {
+    echo "bench-http-smoke: $*" >&2
+    cat "$out" >&2
+    exit 1
+}
+
+# Closed loop: 1 and 17 connections (two client threads, 9 and 8).
+"$here/bench-http.sh" "$build" --json --seconds 0.5 --connections 1,17 \
+    --ops healthz,wrap,rewrap-batch >"$out"
+jq -e '.results | length == 6' "$out" >/dev/null || fail "closed loop: not 6 cells"
+jq -e 'all(.results[]; .requests > 0 and .errors == 0 and .p50_ms > 0 and .p99_ms >= .p50_ms)' \
+    "$out" >/dev/null || fail "closed loop: a cell failed or has no figures"
+jq -e 'all(.results[]; .server_cpu_us_per_req > 0)' "$out" >/dev/null ||
+    fail "closed loop: no server CPU figure"
+# The CPU and batch checks were computed (raw baseline, floor and batch
+# present; the p99 check needs a 16-connection cell, not run here).
+jq -e 'all(.checks[0:2][]; .met != "n/a" and .ratio > 0)' "$out" >/dev/null ||
+    fail "a check was not computed"
+
+# Open loop: 200 req/s offered over 5 connections on 3 client threads for
+# 2 s is 400 requests (each connection sends every one that falls due before
+# the end, late if the server is slow); back to back would be thousands.
+"$here/bench-http.sh" "$build" --json --seconds 2 --connections 5 --client-threads 3 \
+    --rate 200 --ops wrap >"$out"
+jq -e '.results | length == 1' "$out" >/dev/null || fail "open loop: not 1 cell"
+jq -e '.results[0] | .errors == 0 and .requests >= 300 and .requests <= 500' "$out" \
+    >/dev/null || fail "open loop: requests not near the offered 400"
+echo "bench-http-smoke: ok"
