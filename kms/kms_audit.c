@@ -719,7 +719,7 @@ static KMS_RESULT audit_ingest(kms *k)
     struct kms_audit *a = k->audit;
     if (a == NULL || a->journal == NULL)
         return KMS_OK_RESULT;
-    KMS_GUARD(kms_journal_ingest_lock(a->journal, true, NULL));
+    KMS_GUARD(kms_journal_ingest_lock(a->journal));
     audit_ingest_arg g;
     /* Readers call this often (a usage report bisects with queries): with
      * nothing new they take no LMDB write transaction. */
@@ -733,7 +733,7 @@ static KMS_RESULT audit_ingest(kms *k)
 static KMS_RESULT audit_journal_recycle(kms *k)
 {
     kms_journal *j = k->audit->journal;
-    KMS_GUARD(kms_journal_ingest_lock(j, true, NULL));
+    KMS_GUARD(kms_journal_ingest_lock(j));
     audit_ingest_arg g;
     kms_result r = audit_ingest_locked(k, &g);
     if (kms_is_ok(r)) {
@@ -758,7 +758,7 @@ static KMS_RESULT audit_journal_recycle(kms *k)
 static KMS_RESULT audit_journal_rebuild(kms *k)
 {
     kms_journal *j = k->audit->journal;
-    KMS_GUARD(kms_journal_ingest_lock(j, true, NULL));
+    KMS_GUARD(kms_journal_ingest_lock(j));
     kms_jscan s;
     kms_journal_scan(j, &s);
     audit_pos p;

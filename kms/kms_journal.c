@@ -223,48 +223,44 @@ void kms_journal_close(kms_journal *j)
     free(j);
 }
 
-KMS_RESULT kms_journal_lock(kms_journal *j)
+/* A lock held by one thread of one process at a time: the process's mutex
+ * (open-file-description locks do not exclude threads sharing the
+ * description), then the shared byte. */
+static kms_result journal_lock(kms_journal *j, pthread_mutex_t *mu, int byte)
 {
-    pthread_mutex_lock(&j->append_mu);
-    if (journal_ofd_lock(j->hfd, F_WRLCK, LOCK_APPEND, true) != 0) {
+    pthread_mutex_lock(mu);
+    if (journal_ofd_lock(j->hfd, F_WRLCK, byte, true) != 0) {
         int e = errno;
-        pthread_mutex_unlock(&j->append_mu);
+        pthread_mutex_unlock(mu);
         KMS_BAIL_MSG(KMS_ERR_IO, "audit journal lock: %s", strerror(e));
     }
     return KMS_OK_RESULT;
+}
+
+static void journal_unlock(kms_journal *j, pthread_mutex_t *mu, int byte)
+{
+    (void)journal_ofd_lock(j->hfd, F_UNLCK, byte, false);
+    pthread_mutex_unlock(mu);
+}
+
+KMS_RESULT kms_journal_lock(kms_journal *j)
+{
+    return journal_lock(j, &j->append_mu, LOCK_APPEND);
 }
 
 void kms_journal_unlock(kms_journal *j)
 {
-    (void)journal_ofd_lock(j->hfd, F_UNLCK, LOCK_APPEND, false);
-    pthread_mutex_unlock(&j->append_mu);
+    journal_unlock(j, &j->append_mu, LOCK_APPEND);
 }
 
-KMS_RESULT kms_journal_ingest_lock(kms_journal *j, bool wait, bool *got)
+KMS_RESULT kms_journal_ingest_lock(kms_journal *j)
 {
-    if (got != NULL)
-        *got = false;
-    if (wait) {
-        pthread_mutex_lock(&j->ingest_mu);
-    } else if (pthread_mutex_trylock(&j->ingest_mu) != 0) {
-        return KMS_OK_RESULT;
-    }
-    if (journal_ofd_lock(j->hfd, F_WRLCK, LOCK_INGEST, wait) != 0) {
-        int e = errno;
-        pthread_mutex_unlock(&j->ingest_mu);
-        if (!wait && (e == EAGAIN || e == EACCES))
-            return KMS_OK_RESULT;
-        KMS_BAIL_MSG(KMS_ERR_IO, "audit journal lock: %s", strerror(e));
-    }
-    if (got != NULL)
-        *got = true;
-    return KMS_OK_RESULT;
+    return journal_lock(j, &j->ingest_mu, LOCK_INGEST);
 }
 
 void kms_journal_ingest_unlock(kms_journal *j)
 {
-    (void)journal_ofd_lock(j->hfd, F_UNLCK, LOCK_INGEST, false);
-    pthread_mutex_unlock(&j->ingest_mu);
+    journal_unlock(j, &j->ingest_mu, LOCK_INGEST);
 }
 
 bool kms_journal_dirty(const kms_journal *j)

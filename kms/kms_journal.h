@@ -110,8 +110,7 @@ typedef struct {
 void kms_journal_scan(const kms_journal *j, kms_jscan *s);
 
 /* ---- ingest lock and the position of the next frame to ingest ---- */
-/* wait = false: *got says whether the lock was free. */
-KMS_RESULT kms_journal_ingest_lock(kms_journal *j, bool wait, bool *got);
+KMS_RESULT kms_journal_ingest_lock(kms_journal *j);
 void kms_journal_ingest_unlock(kms_journal *j);
 /* Where the frame after `seq` starts, if the last ingest left that hint. */
 bool kms_journal_hint(const kms_journal *j, uint64_t seq, uint64_t *off);
