@@ -1480,7 +1480,7 @@ KMS_RESULT kms_audit_prune(kms *k, int64_t before, uint64_t *removed)
         if (!kms_is_ok(r))
             break;
         audit_prune_arg p = {.first = c.first, .cut = c.cut, .anchor = &anchor};
-        r = kms_store_write(k->store, audit_prune_write, &p);
+        r = kms_store_reclaim(k->store, audit_prune_write, &p);
         if (r.err == KMS_ERR_STORE_FULL && max > 1) {
             /* A store at its maximum: removing records rewrites pages too,
              * and the pages it frees are reusable only by later

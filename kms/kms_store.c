@@ -23,7 +23,9 @@
 struct kms_store {
     MDB_env *env;
     MDB_dbi dbi[KMS_DB_COUNT];
+    MDB_dbi main_dbi;
     size_t map_max;
+    size_t soft_pages; /* pages ordinary writes may fill; the rest is the reserve */
     /* Every transaction holds this shared; growing the map takes it
      * exclusive, because mdb_env_set_mapsize() requires that this process
      * has no transaction open (lmdb.h). */
@@ -37,6 +39,19 @@ struct kms_txn {
     MDB_txn *txn;
     bool map_full; /* a put hit MDB_MAP_FULL: grow and run again */
 };
+
+/* LMDB's free-page database, as mdb_stat(1) reads it: not in lmdb.h. */
+#define KMS_STORE_FREE_DBI ((MDB_dbi)0)
+
+/* The reserve: what a reclaiming write (pruning) may use once ordinary
+ * writes have filled the store. A write frees nothing before it commits,
+ * and the pages the last commits freed stay unusable while the previous
+ * snapshot may be read, so a store filled to its last page cannot even
+ * delete. 1/64 of the maximum, at least 32 pages (at most a quarter of
+ * the map) and at most 64 MiB: a cut of one record needs about ten. */
+#define KMS_STORE_RESERVE_DIV   64
+#define KMS_STORE_RESERVE_MIN   32
+#define KMS_STORE_RESERVE_MAX_B ((size_t)64 << 20)
 
 static const char *const kms_db_names[KMS_DB_COUNT] = {
     [KMS_DB_META] = "meta",       [KMS_DB_KEYS] = "keys",           [KMS_DB_VERSIONS] = "versions",
@@ -117,6 +132,10 @@ static kms_result kms_store_init_dbs(kms_store *s)
             KMS_MDB_BAIL(rc, "mdb_dbi_open");
         }
     }
+    if ((rc = mdb_dbi_open(txn, NULL, 0, &s->main_dbi)) != MDB_SUCCESS) {
+        mdb_txn_abort(txn);
+        KMS_MDB_BAIL(rc, "mdb_dbi_open");
+    }
     /* Schema: meta["schema"] = u32 BE. Absent means a new store. */
     static const char schema_key[] = "schema";
     MDB_val k = {sizeof(schema_key) - 1, (void *)schema_key};
@@ -149,6 +168,36 @@ static kms_result kms_store_init_dbs(kms_store *s)
     return KMS_OK_RESULT;
 }
 
+static size_t kms_store_soft_pages(size_t map_max, size_t psize)
+{
+    size_t pages = map_max / psize;
+    size_t reserve = pages / KMS_STORE_RESERVE_DIV;
+    size_t floor = KMS_STORE_RESERVE_MIN < pages / 4 ? KMS_STORE_RESERVE_MIN : pages / 4;
+    if (reserve < floor)
+        reserve = floor;
+    if (reserve > KMS_STORE_RESERVE_MAX_B / psize)
+        reserve = KMS_STORE_RESERVE_MAX_B / psize;
+    return pages - reserve;
+}
+
+/* Pages the transaction's trees hold (the free list's own pages included,
+ * the free pages themselves not), plus the two meta pages. Each count is
+ * kept in the tree's root record, so this costs a few loads. */
+static size_t kms_store_live_pages(const kms_store *s, MDB_txn *txn)
+{
+    size_t n = 2;
+    MDB_stat st;
+    if (mdb_stat(txn, KMS_STORE_FREE_DBI, &st) == MDB_SUCCESS)
+        n += st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages;
+    if (mdb_stat(txn, s->main_dbi, &st) == MDB_SUCCESS)
+        n += st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages;
+    for (int i = 0; i < KMS_DB_COUNT; i++) {
+        if (mdb_stat(txn, s->dbi[i], &st) == MDB_SUCCESS)
+            n += st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages;
+    }
+    return n;
+}
+
 KMS_RESULT kms_store_open(const char *path, size_t map_initial, size_t map_max, kms_store **out)
 {
     KMS_ENSURE(path != NULL && out != NULL, KMS_ERR_INVALID_ARGUMENT);
@@ -179,6 +228,9 @@ KMS_RESULT kms_store_open(const char *path, size_t map_initial, size_t map_max, 
     }
     KMS_GUARD_GOTO(r, kms_store_init_dbs(s), fail);
     KMS_GUARD_GOTO(r, kms_store_gen_open(s, path), fail);
+    MDB_stat st;
+    mdb_env_stat(s->env, &st);
+    s->soft_pages = kms_store_soft_pages(map_max, st.ms_psize);
     *out = s;
     return KMS_OK_RESULT;
 fail:
@@ -239,8 +291,11 @@ static void kms_store_adopt(kms_store *s)
     pthread_rwlock_unlock(&s->grow_lock);
 }
 
-static kms_result kms_store_run(kms_store *s, kms_store_fn fn, void *arg, bool write)
+typedef enum { KMS_RUN_READ, KMS_RUN_WRITE, KMS_RUN_RECLAIM } kms_run_kind;
+
+static kms_result kms_store_run(kms_store *s, kms_store_fn fn, void *arg, kms_run_kind kind)
 {
+    bool write = kind != KMS_RUN_READ;
     for (int attempt = 0; attempt < KMS_STORE_RETRIES_MAX; attempt++) {
         struct kms_txn t = {.s = s};
         pthread_rwlock_rdlock(&s->grow_lock);
@@ -261,7 +316,18 @@ static kms_result kms_store_run(kms_store *s, kms_store_fn fn, void *arg, bool w
             }
             KMS_MDB_BAIL(rc, "mdb_txn_begin");
         }
+        size_t live_before = kind == KMS_RUN_WRITE ? kms_store_live_pages(s, t.txn) : 0;
         kms_result r = fn(&t, arg);
+        if (kms_is_ok(r) && kind == KMS_RUN_WRITE) {
+            /* An ordinary write may not grow into the reserve; one that
+             * frees pages or only rewrites them still commits. */
+            size_t live = kms_store_live_pages(s, t.txn);
+            if (live > s->soft_pages && live > live_before)
+                r = kms_error_raisef(KMS_ERR_STORE_FULL, __FILE__, __LINE__,
+                                     "%zu pages in use, %zu allowed: the rest of "
+                                     "store_map_size_max is kept for pruning",
+                                     live, s->soft_pages);
+        }
         if (!kms_is_ok(r) || !write) {
             mdb_txn_abort(t.txn);
             pthread_rwlock_unlock(&s->grow_lock);
@@ -288,12 +354,17 @@ static kms_result kms_store_run(kms_store *s, kms_store_fn fn, void *arg, bool w
 
 KMS_RESULT kms_store_read(kms_store *s, kms_store_fn fn, void *arg)
 {
-    return kms_store_run(s, fn, arg, false);
+    return kms_store_run(s, fn, arg, KMS_RUN_READ);
 }
 
 KMS_RESULT kms_store_write(kms_store *s, kms_store_fn fn, void *arg)
 {
-    return kms_store_run(s, fn, arg, true);
+    return kms_store_run(s, fn, arg, KMS_RUN_WRITE);
+}
+
+KMS_RESULT kms_store_reclaim(kms_store *s, kms_store_fn fn, void *arg)
+{
+    return kms_store_run(s, fn, arg, KMS_RUN_RECLAIM);
 }
 
 KMS_RESULT kms_txn_get(kms_txn *t, kms_db db, const void *key, size_t klen, const uint8_t **val,

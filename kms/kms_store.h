@@ -41,8 +41,14 @@ typedef kms_result (*kms_store_fn)(kms_txn *t, void *arg);
 /* Runs fn in a read-only transaction. */
 KMS_RESULT kms_store_read(kms_store *s, kms_store_fn fn, void *arg);
 /* Runs fn in a write transaction and commits if it succeeded; aborts
- * otherwise. fn may run more than once (map growth). */
+ * otherwise. fn may run more than once (map growth). A write that would
+ * leave the store holding more than the maximum less a reserve (1/64 of
+ * it, at least 32 pages, at most 64 MiB) fails with KMS_ERR_STORE_FULL,
+ * unless it holds no more pages than before. */
 KMS_RESULT kms_store_write(kms_store *s, kms_store_fn fn, void *arg);
+/* The same for a write that exists to free space (pruning): it may use
+ * the reserve, so that a store full of ordinary writes can still be cut. */
+KMS_RESULT kms_store_reclaim(kms_store *s, kms_store_fn fn, void *arg);
 
 /* Values point into the map: valid until the transaction ends. */
 KMS_RESULT kms_txn_get(kms_txn *t, kms_db db, const void *key, size_t klen, const uint8_t **val,
