@@ -39,7 +39,7 @@
 #define AUDIT_BATCH_MAX 4096
 /* Ingest: records per LMDB transaction, and how often at most. */
 #define AUDIT_INGEST_MAX      4096
-#define AUDIT_INGEST_EVERY_MS 10
+#define AUDIT_INGEST_EVERY_MS 100
 #define AUDIT_SIGN_EVERY_N    10000u
 #define AUDIT_SIGN_EVERY_S    300
 #define AUDIT_PROBE_EVERY_MS  500

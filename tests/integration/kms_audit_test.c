@@ -319,10 +319,13 @@ static void test_store_full_refuses(void **state)
     assert_true(in_store > 100 && in_store <= written);
     chain_verify(f->k, in_store);
 
-    /* Space back: prune the older half; the ingester's retry clears the
-     * failure. */
+    /* Space back: prune all but the youngest second of records; the
+     * ingester's retry clears the failure. (In a map this small, what the
+     * journal took in during the last ingest interval can be as much as
+     * half the store.) The prune commits although ordinary writes filled
+     * the store: they stopped short of its reserve. */
     uint64_t removed = 0;
-    assert_ok(kms_audit_prune(f->k, KMS_FX_T0 + (f->now - KMS_FX_T0) / 2, &removed));
+    assert_ok(kms_audit_prune(f->k, f->now, &removed));
     assert_true(removed > 0);
     bool ready = false;
     for (int i = 0; i < 100 && !ready; i++) {
