@@ -513,13 +513,28 @@ static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int s
     return MHD_YES;
 }
 
+/* Most answers (a single operation, an error: 100 to 400 bytes) fit this,
+ * so they are serialised once; a larger one (a batch) is dumped again at
+ * its size. Below glibc's large-chunk size (1 KiB), so that the block comes
+ * from the thread's cache and its allocation does not consolidate the
+ * heap's fast bins. */
+#define SEND_JSON_GUESS 512
+
 /* Serialises doc into a wiping allocation (it may hold base64 plaintext)
  * and sends it. Takes ownership of doc. */
 static enum MHD_Result send_json(req_ctx *rq, struct MHD_Connection *conn, int status, json_t *doc)
 {
-    size_t n = doc != NULL ? json_dumpb(doc, NULL, 0, JSON_COMPACT) : 0;
-    char *text = n > 0 ? kms_api_wipe_malloc(n + 1) : NULL;
-    if (text == NULL || json_dumpb(doc, text, n, JSON_COMPACT) != n) {
+    size_t cap = SEND_JSON_GUESS;
+    char *text = doc != NULL ? kms_api_wipe_malloc(cap) : NULL;
+    size_t n = text != NULL ? json_dumpb(doc, text, cap - 1, JSON_COMPACT) : 0;
+    if (n >= cap) {
+        kms_api_wipe_free(text);
+        cap = n + 1;
+        text = kms_api_wipe_malloc(cap);
+        if (text != NULL && json_dumpb(doc, text, n, JSON_COMPACT) != n)
+            n = 0;
+    }
+    if (text == NULL || n == 0) {
         json_decref(doc);
         kms_api_wipe_free(text);
         return MHD_NO;

@@ -425,6 +425,23 @@ static void test_batch(void **state)
                         "invalid_token");
     api_resp_free(&r);
 
+    /* An answer larger than the server's first serialisation buffer
+     * (512 bytes) arrives whole: 40 items, every one wrapped. */
+    char many[40 * 48 + 32];
+    size_t m = (size_t)snprintf(many, sizeof(many), "{\"items\":[");
+    for (int i = 0; i < 40; i++)
+        m += (size_t)snprintf(many + m, sizeof(many) - m,
+                              "%s{\"plaintext\":\"AAECAwQFBgcICQoLDA0ODw==\"}", i > 0 ? "," : "");
+    snprintf(many + m, sizeof(many) - m, "]}");
+    api_call(&F, "app", "POST", "/v1/keys/app-1/batch/wrap", many, &r);
+    expect_status(&r, 200, NULL);
+    assert_int_equal(jint(&r, "succeeded"), 40);
+    res = json_object_get(r.json, "results");
+    assert_int_equal(json_array_size(res), 40);
+    assert_true(strncmp(json_string_value(json_object_get(json_array_get(res, 39), "ciphertext")),
+                        "kms1:", 5) == 0);
+    api_resp_free(&r);
+
     /* 1001 items: refused as a whole, before any work. */
     size_t cap = 1001 * 24 + 32;
     char *big = malloc(cap);
