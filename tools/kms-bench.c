@@ -49,7 +49,7 @@ static const char bench_help[] =
     "                   [--seconds S] [--size N] [--json]\n"
     "    kms-bench http --url URL --cert F --key F --cacert F [--admin-cert F --admin-key F]\n"
     "                   [--connections LIST] [--rate R] [--ops LIST] [--seconds S]\n"
-    "                   [--client-threads N] [--server-pid PID]\n"
+    "                   [--client-threads N] [--rounds N] [--server-pid PID]\n"
     "                   [--module M --token-uri U --pin-file F] [--json]\n"
     "    kms-bench audit (--module M --token-uri U --pin-file F --store DIR | --throwaway)\n"
     "                   [--connections THREADS] [--seconds S] [--size N] [--json]\n"
@@ -106,6 +106,12 @@ static const char bench_help[] =
     "                       (default: one thread per 16 connections). N equal to the\n"
     "                       connection count gives a thread per connection, whose\n"
     "                       threads compete with the server's for a small machine's CPUs.\n"
+    "    --rounds N         http: measure every cell N times (default 1, at most 50), the\n"
+    "                       operations of one connection count taking turns, each for\n"
+    "                       --seconds; requests/s and CPU per request are pooled over the\n"
+    "                       rounds, p50 and p99 are the median of the rounds'. The floor\n"
+    "                       and the wrap then see the same machine, so the CPU check\n"
+    "                       holds on a host whose speed drifts.\n"
     "    --ops LIST         http: only these of healthz, wrap, unwrap, datakey,\n"
     "                       rewrap-batch (default: all)\n"
     "    --server-pid PID   kmsd's pid, for CPU time per request\n"
@@ -706,6 +712,7 @@ enum {
     OPT_RATE,
     OPT_OPS,
     OPT_CLIENT_THREADS,
+    OPT_ROUNDS,
     OPT_JSON,
 };
 
@@ -732,6 +739,7 @@ static const struct {
     {"--rate", OPT_RATE, true},
     {"--ops", OPT_OPS, true},
     {"--client-threads", OPT_CLIENT_THREADS, true},
+    {"--rounds", OPT_ROUNDS, true},
     {"--json", OPT_JSON, false},
 };
 
@@ -814,6 +822,12 @@ static int parse_option(kms_bench_opts *o, int id, const char *arg)
         unsigned long v = strtoul(arg, &end, 10);
         o->client_threads = (unsigned)v;
         return errno == 0 && *end == '\0' && v > 0 && v <= 1024 ? 0 : -1;
+    }
+    case OPT_ROUNDS: {
+        errno = 0;
+        unsigned long v = strtoul(arg, &end, 10);
+        o->rounds = (unsigned)v;
+        return errno == 0 && *end == '\0' && v > 0 && v <= KMS_BENCH_ROUNDS_MAX ? 0 : -1;
     }
     case OPT_JSON:
         o->json = true;

@@ -33,6 +33,7 @@ typedef struct {
     double rate;             /* total requests/s offered per single-item run; 0 = closed loop */
     const char *ops;         /* http: comma-separated operations to run; NULL = all */
     unsigned client_threads; /* http: threads driving the connections; 0 = one per 16 */
+    unsigned rounds;         /* http: measurements per cell, taking turns; 0 = 1 */
     /* both */
     double seconds;
     size_t size;
@@ -41,6 +42,8 @@ typedef struct {
 
 /* Exit statuses: 0 ok, 64 usage, else the error table's exit code. */
 #define KMS_BENCH_EXIT_USAGE 64
+/* --rounds at most. */
+#define KMS_BENCH_ROUNDS_MAX 50
 
 int kms_bench_core(const kms_bench_opts *o);
 int kms_bench_http(const kms_bench_opts *o);

@@ -417,6 +417,10 @@ typedef struct {
     double p50_ms, p99_ms;
     uint64_t requests, errors;
     double cpu_us_per_req; /* < 0: not measured */
+    /* Pooling over --rounds: the sums, and each round's percentiles. */
+    double elapsed_s, cpu_s; /* cpu_s < 0: not measured */
+    unsigned rounds;
+    double p50s[KMS_BENCH_ROUNDS_MAX], p99s[KMS_BENCH_ROUNDS_MAX];
 } http_result;
 
 static int cmp_u32(const void *a, const void *b)
@@ -468,8 +472,11 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
             abort(); /* out of memory or threads: nothing sensible to measure */
         }
     }
-    double cpu0 = o->server_pid > 0 ? server_cpu(o->server_pid) : -1;
+    /* The clients warm up (TLS handshakes, a first request each) before
+     * the barrier: the server's CPU is read after it, so that a handshake
+     * (milliseconds of CPU) is not charged to the cell's requests. */
     (void)pthread_barrier_wait(&bar);
+    double cpu0 = o->server_pid > 0 ? server_cpu(o->server_pid) : -1;
     double t0 = kms_bench_now();
     uint64_t ok = 0, errors = 0;
     size_t n_lat = 0;
@@ -504,6 +511,8 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
     res->p50_ms = n_lat ? all[n_lat / 2] / 1e3 : 0;
     res->p99_ms = n_lat ? all[(n_lat * 99) / 100] / 1e3 : 0;
     res->cpu_us_per_req = cpu0 >= 0 && cpu1 >= 0 && ok > 0 ? (cpu1 - cpu0) * 1e6 / (double)ok : -1;
+    res->elapsed_s = elapsed;
+    res->cpu_s = cpu0 >= 0 && cpu1 >= 0 ? cpu1 - cpu0 : -1;
     if (errors > 0) {
         fprintf(stderr, "kms-bench: %s at %u connections: %llu failed requests (last status %ld)\n",
                 http_op_names[op], conns, (unsigned long long)errors, bad);
@@ -685,9 +694,9 @@ static void report(const kms_bench_opts *o, const http_result *res, size_t n,
                    size_t n_checks)
 {
     if (o->json) {
-        json_t *j =
-            json_pack("{s:s, s:s, s:f, s:f, s:i}", "mode", "http", "url", o->url, "seconds",
-                      o->seconds, "rate", o->rate, "client_threads", (int)o->client_threads);
+        json_t *j = json_pack("{s:s, s:s, s:f, s:f, s:i, s:i}", "mode", "http", "url", o->url,
+                              "seconds", o->seconds, "rate", o->rate, "client_threads",
+                              (int)o->client_threads, "rounds", o->rounds > 0 ? (int)o->rounds : 1);
         json_t *arr = json_array();
         for (size_t i = 0; i < n; i++) {
             json_array_append_new(
@@ -722,6 +731,11 @@ static void report(const kms_bench_opts *o, const http_result *res, size_t n,
     }
     printf("kms-bench http: %s, %.1f s per cell, keep-alive, one TLS connection per client, ",
            o->url, o->seconds);
+    if (o->rounds > 1) {
+        printf("%u rounds per cell taking turns (req/s and CPU pooled, p50/p99 the median "
+               "round's), ",
+               o->rounds);
+    }
     if (o->client_threads > 0) {
         printf("%u client thread(s), ", o->client_threads);
     } else {
@@ -764,6 +778,45 @@ static void report(const kms_bench_opts *o, const http_result *res, size_t n,
                    met_text(c->met));
         }
     }
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, unsigned n)
+{
+    qsort(v, n, sizeof(*v), cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* Adds one round's measurement of a cell to its pooled result. */
+static void pool_add(http_result *acc, const http_result *one)
+{
+    if (acc->rounds == 0) {
+        *acc = *one;
+        acc->rounds = 0;
+    } else {
+        acc->requests += one->requests;
+        acc->errors += one->errors;
+        acc->elapsed_s += one->elapsed_s;
+        acc->cpu_s = acc->cpu_s >= 0 && one->cpu_s >= 0 ? acc->cpu_s + one->cpu_s : -1;
+    }
+    acc->p50s[acc->rounds] = one->p50_ms;
+    acc->p99s[acc->rounds] = one->p99_ms;
+    acc->rounds++;
+}
+
+static void pool_finish(http_result *acc)
+{
+    acc->req_s = acc->elapsed_s > 0 ? (double)acc->requests / acc->elapsed_s : 0;
+    acc->items_s = acc->req_s * (acc->op == H_REWRAP_BATCH ? HTTP_BATCH_ITEMS : 1);
+    acc->cpu_us_per_req =
+        acc->cpu_s >= 0 && acc->requests > 0 ? acc->cpu_s * 1e6 / (double)acc->requests : -1;
+    acc->p50_ms = median(acc->p50s, acc->rounds);
+    acc->p99_ms = median(acc->p99s, acc->rounds);
 }
 
 static const http_result *find(const http_result *res, size_t n, http_op op, unsigned conns)
@@ -822,14 +875,32 @@ int kms_bench_http(const kms_bench_opts *o)
     if (res == NULL) {
         abort();
     }
+    unsigned rounds = o->rounds > 0 ? o->rounds : 1;
     for (size_t ci = 0; ci < o->n_conns; ci++) {
+        /* The operations of one connection count take turns, round after
+         * round; res[first + op] pools an operation's rounds. */
+        size_t first = n;
         for (int op = 0; op < H_COUNT; op++) {
-            if (!op_selected(o, (http_op)op)) {
-                continue;
+            res[first + (size_t)op] = (http_result){.op = (http_op)op, .conns = o->conns[ci]};
+        }
+        for (unsigned round = 0; round < rounds; round++) {
+            for (int op = 0; op < H_COUNT; op++) {
+                if (!op_selected(o, (http_op)op)) {
+                    continue;
+                }
+                fprintf(stderr, "kms-bench: %s, %u connection(s), round %u of %u\n",
+                        http_op_names[op], o->conns[ci], round + 1, rounds);
+                http_result one;
+                if (load_measure(o, (http_op)op, o->conns[ci], s.url[op], s.body[op], &one) == 0) {
+                    pool_add(&res[first + (size_t)op], &one);
+                }
             }
-            fprintf(stderr, "kms-bench: %s, %u connection(s)\n", http_op_names[op], o->conns[ci]);
-            if (load_measure(o, (http_op)op, o->conns[ci], s.url[op], s.body[op], &res[n]) == 0) {
-                n++;
+        }
+        /* Keep the measured cells, in operation order. */
+        for (int op = 0; op < H_COUNT; op++) {
+            if (res[first + (size_t)op].rounds > 0) {
+                pool_finish(&res[first + (size_t)op]);
+                res[n++] = res[first + (size_t)op];
             }
         }
     }

@@ -16,7 +16,7 @@
 # PERF_DATA=FILE (record a CPU profile of kmsd with `perf record -g`; the
 # CPU figures of that run then include perf's own overhead; PERF_CALLGRAPH
 # replaces -g, e.g. "--call-graph dwarf,16384" to see through the
-# libraries' frames),
+# libraries' frames, and PERF_FREQ the sampling rate, default 499),
 # STRACE_OUT=FILE (trace kmsd's writes and syncs with strace instead:
 # which pages an audit commit writes; throughput then means nothing),
 # KMSD_LOG_KEEP=FILE (keep kmsd's log, e.g. the audit committer's
@@ -69,7 +69,7 @@ write_conf() { # PORT
 
 # Its own process group, so kms-bench sums the CPU of every worker process.
 perf_cmd=()
-if [ -n "${PERF_DATA:-}" ]; then perf_cmd=(perf record -q ${PERF_CALLGRAPH:--g} -F 499 -o "$PERF_DATA" --); fi
+if [ -n "${PERF_DATA:-}" ]; then perf_cmd=(perf record -q ${PERF_CALLGRAPH:--g} -F "${PERF_FREQ:-499}" -o "$PERF_DATA" --); fi
 if [ -n "${STRACE_OUT:-}" ]; then perf_cmd=(strace -f -qq -e trace=pwrite64,pwritev,write,writev,fdatasync -o "$STRACE_OUT" --); fi
 pki=$tmp/pki
 port=""
