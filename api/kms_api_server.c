@@ -1170,9 +1170,13 @@ static kms_result metrics_text(kms_api_server *s, kms_buf *b)
         EMIT("# HELP kmsd_store_map_size_bytes LMDB map size.\n# TYPE kmsd_store_map_size_bytes "
              "gauge\nkmsd_store_map_size_bytes %zu\n",
              st.store_map_size);
-        EMIT("# HELP kmsd_store_used_bytes LMDB bytes in use.\n# TYPE kmsd_store_used_bytes "
-             "gauge\nkmsd_store_used_bytes %zu\n",
+        EMIT("# HELP kmsd_store_used_bytes LMDB bytes the store's pages hold (pruning lowers "
+             "it).\n# TYPE kmsd_store_used_bytes gauge\nkmsd_store_used_bytes %zu\n",
              st.store_used_bytes);
+        EMIT("# HELP kmsd_store_limit_bytes Bytes ordinary writes may fill; beyond, they fail "
+             "with store_full (the rest of store_map_size_max is kept for pruning).\n# TYPE "
+             "kmsd_store_limit_bytes gauge\nkmsd_store_limit_bytes %zu\n",
+             st.store_limit_bytes);
     }
 #undef EMIT
     return KMS_OK_RESULT;

@@ -46,11 +46,11 @@ typedef struct kms kms;
 typedef int64_t (*kms_clock_fn)(void *arg);
 
 typedef struct {
-    const char *store_path;   /* LMDB environment directory */
-    size_t map_size_initial;  /* bytes; 0 = 16 MiB */
-    size_t map_size_max;      /* bytes; 0 = 64 GiB */
+    const char *store_path;  /* LMDB environment directory */
+    size_t map_size_initial; /* bytes; 0 = 16 MiB */
+    size_t map_size_max;     /* bytes; 0 = 64 GiB */
     kms_hsm_config hsm;
-    kms_clock_fn clock;       /* NULL = time(NULL) */
+    kms_clock_fn clock; /* NULL = time(NULL) */
     void *clock_arg;
     int64_t default_rotation_period_s; /* 0 = 90 days */
     int64_t default_warning_window_s;  /* 0 = 7 days */
@@ -123,8 +123,7 @@ typedef struct {
     bool deletion_protection;
 } kms_key_spec;
 
-KMS_RESULT kms_key_create(kms *k, const kms_caller *c, const kms_key_spec *spec,
-                          kms_key_info *out);
+KMS_RESULT kms_key_create(kms *k, const kms_caller *c, const kms_key_spec *spec, kms_key_info *out);
 KMS_RESULT kms_key_get(kms *k, const char *name, kms_key_info *out);
 /* Keys in name order after `after` (NULL: from the start), at most limit.
  * *out is malloc'd; free() it. */
@@ -135,10 +134,10 @@ KMS_RESULT kms_version_get(kms *k, const char *name, uint32_t version, kms_versi
 
 /* Policy changes; a negative / zero field means "leave as is" as noted. */
 typedef struct {
-    int64_t rotation_period_s;        /* 0 = unchanged */
-    int64_t warning_window_s;         /* 0 = unchanged */
-    uint32_t min_decryption_version;  /* 0 = unchanged */
-    int deletion_protection;          /* -1 = unchanged, 0 off, 1 on */
+    int64_t rotation_period_s;       /* 0 = unchanged */
+    int64_t warning_window_s;        /* 0 = unchanged */
+    uint32_t min_decryption_version; /* 0 = unchanged */
+    int deletion_protection;         /* -1 = unchanged, 0 off, 1 on */
 } kms_key_update;
 KMS_RESULT kms_key_update_policy(kms *k, const kms_caller *c, const char *name,
                                  const kms_key_update *u, kms_key_info *out);
@@ -165,7 +164,7 @@ KMS_RESULT kms_rotation_type_parse(const char *s, kms_rotation_type *out);
 KMS_RESULT kms_rotation_status_parse(const char *s, kms_rotation_status *out);
 
 typedef struct {
-    char id[33]; /* random 128-bit id, hex */
+    char id[33];                          /* random 128-bit id, hex */
     char key[KMS_KEY_NAME_MAX_BYTES + 1]; /* "" for a master rotation */
     uint32_t from_version;
     uint32_t to_version;
@@ -187,7 +186,7 @@ KMS_RESULT kms_key_rollback(kms *k, const kms_caller *c, const char *name, const
                             kms_rotation_info *out);
 
 typedef enum {
-    KMS_ACTION_DEPRECATE = 1,        /* arg: grace period in seconds (0 = 30 days) */
+    KMS_ACTION_DEPRECATE = 1, /* arg: grace period in seconds (0 = 30 days) */
     KMS_ACTION_COMPROMISE = 2,
     KMS_ACTION_DISABLE = 3,
     KMS_ACTION_ENABLE = 4,           /* disabled or deprecated -> active */
@@ -261,11 +260,11 @@ typedef struct {
 } kms_batch_item;
 
 typedef struct {
-    kms_err err;       /* KMS_OK or this item's error */
-    kms_buf out;       /* token, plaintext (secret) or MAC; empty on error */
-    uint32_t version;  /* version used (to_version for rewrap) */
+    kms_err err;           /* KMS_OK or this item's error */
+    kms_buf out;           /* token, plaintext (secret) or MAC; empty on error */
+    uint32_t version;      /* version used (to_version for rewrap) */
     uint32_t from_version; /* rewrap only */
-    bool flag;         /* rewrap: changed; verify: valid */
+    bool flag;             /* rewrap: changed; verify: valid */
 } kms_batch_result;
 
 /* results[n] must be zeroed by the caller; kms_batch_results_free() frees
@@ -279,7 +278,7 @@ void kms_batch_results_free(kms_batch_result *results, size_t n);
 typedef struct {
     uint32_t version;
     int64_t created_at;
-    int64_t retired_at; /* 0 while in use */
+    int64_t retired_at;        /* 0 while in use */
     uint64_t versions_wrapped; /* key versions wrapped under it */
     bool current;
 } kms_master_info;
@@ -295,11 +294,11 @@ KMS_RESULT kms_master_list(kms *k, kms_master_info **out, size_t *n);
 /* ---- rotation records ---- */
 
 typedef struct {
-    const char *key;          /* NULL = any */
-    int type;                 /* 0 = any, else kms_rotation_type */
-    int status;               /* 0 = any, else kms_rotation_status */
-    int64_t from, to;         /* started_at range; 0 = open */
-    size_t limit;             /* 0 = 1000 */
+    const char *key;  /* NULL = any */
+    int type;         /* 0 = any, else kms_rotation_type */
+    int status;       /* 0 = any, else kms_rotation_status */
+    int64_t from, to; /* started_at range; 0 = open */
+    size_t limit;     /* 0 = 1000 */
 } kms_rotation_filter;
 KMS_RESULT kms_rotations_list(kms *k, const kms_rotation_filter *f, kms_rotation_info **out,
                               size_t *n);
@@ -313,12 +312,12 @@ typedef struct {
     size_t keys;
     size_t versions;
     size_t masters;
-    size_t problems;           /* inconsistencies found */
-    size_t repaired;           /* of those, repaired */
-    size_t orphan_objects;     /* master objects on the token unknown to LMDB */
-    size_t missing_objects;    /* master versions in LMDB absent from the token */
-    size_t unreadable_versions;/* version blobs whose master is missing */
-    char summary[1024];        /* human-readable report */
+    size_t problems;            /* inconsistencies found */
+    size_t repaired;            /* of those, repaired */
+    size_t orphan_objects;      /* master objects on the token unknown to LMDB */
+    size_t missing_objects;     /* master versions in LMDB absent from the token */
+    size_t unreadable_versions; /* version blobs whose master is missing */
+    char summary[1024];         /* human-readable report */
 } kms_check_report;
 
 /* Compares LMDB with the token; with repair, fixes what is safe (finishes
@@ -336,7 +335,8 @@ typedef struct {
     size_t keys_overdue; /* past their rotation period */
     kms_hsm_stats hsm;
     size_t store_map_size;
-    size_t store_used_bytes;
+    size_t store_used_bytes;  /* pages the store holds, in bytes */
+    size_t store_limit_bytes; /* what ordinary writes may fill: store_full beyond */
 } kms_stats;
 KMS_RESULT kms_stats_get(kms *k, kms_stats *out);
 

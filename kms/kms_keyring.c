@@ -1716,7 +1716,8 @@ KMS_RESULT kms_stats_get(kms *k, kms_stats *out)
     kms_stats_tx x = {.now = kms_now(k), .s = out};
     KMS_GUARD(kms_store_read(k->store, kms_stats_txn, &x));
     kms_hsm_stats_get(k->hsm, &out->hsm);
-    kms_store_sizes(k->store, &out->store_map_size, &out->store_used_bytes);
+    kms_store_sizes(k->store, &out->store_map_size, &out->store_used_bytes,
+                    &out->store_limit_bytes);
     return KMS_OK_RESULT;
 }
 

@@ -26,6 +26,7 @@ struct kms_store {
     MDB_dbi main_dbi;
     size_t map_max;
     size_t soft_pages; /* pages ordinary writes may fill; the rest is the reserve */
+    size_t psize;
     /* Every transaction holds this shared; growing the map takes it
      * exclusive, because mdb_env_set_mapsize() requires that this process
      * has no transaction open (lmdb.h). */
@@ -230,6 +231,7 @@ KMS_RESULT kms_store_open(const char *path, size_t map_initial, size_t map_max, 
     KMS_GUARD_GOTO(r, kms_store_gen_open(s, path), fail);
     MDB_stat st;
     mdb_env_stat(s->env, &st);
+    s->psize = st.ms_psize;
     s->soft_pages = kms_store_soft_pages(map_max, st.ms_psize);
     *out = s;
     return KMS_OK_RESULT;
@@ -475,12 +477,22 @@ KMS_RESULT kms_store_backup(kms_store *s, const char *dir)
     return KMS_OK_RESULT;
 }
 
-void kms_store_sizes(kms_store *s, size_t *map_size, size_t *used_bytes)
+static kms_result kms_store_live_txn(kms_txn *t, void *arg)
+{
+    *(size_t *)arg = kms_store_live_pages(t->s, t->txn);
+    return KMS_OK_RESULT;
+}
+
+void kms_store_sizes(kms_store *s, size_t *map_size, size_t *used_bytes, size_t *limit_bytes)
 {
     MDB_envinfo info;
-    MDB_stat st;
     mdb_env_info(s->env, &info);
-    mdb_env_stat(s->env, &st);
     *map_size = info.me_mapsize;
-    *used_bytes = (info.me_last_pgno + 1) * (size_t)st.ms_psize;
+    /* What the trees hold, which pruning lowers; the file's high-water
+     * mark (last_pgno) never comes down and is the fallback only. */
+    size_t live = 0;
+    if (!kms_is_ok(kms_store_read(s, kms_store_live_txn, &live)))
+        live = info.me_last_pgno + 1;
+    *used_bytes = live * s->psize;
+    *limit_bytes = s->soft_pages * s->psize;
 }

@@ -69,7 +69,9 @@ KMS_RESULT kms_txn_count(kms_txn *t, kms_db db, size_t *n);
 
 /* Hot backup with compaction into dir (which must exist and be empty). */
 KMS_RESULT kms_store_backup(kms_store *s, const char *dir);
-void kms_store_sizes(kms_store *s, size_t *map_size, size_t *used_bytes);
+/* The map's current size; the bytes the store's pages hold (pruning lowers
+ * it); and what ordinary writes may fill (the maximum less the reserve). */
+void kms_store_sizes(kms_store *s, size_t *map_size, size_t *used_bytes, size_t *limit_bytes);
 
 /* Cross-process cache generation: every committed change of metadata bumps
  * it, and every process compares it with the generation its in-memory

@@ -151,6 +151,8 @@ static void test_health_and_metrics(void **state)
     assert_non_null(strstr(r.body, "kmsd_http_request_duration_seconds_bucket"));
     assert_non_null(strstr(r.body, "kmsd_hsm_calls_total"));
     assert_non_null(strstr(r.body, "kmsd_keys_overdue"));
+    assert_non_null(strstr(r.body, "\nkmsd_store_used_bytes "));
+    assert_non_null(strstr(r.body, "\nkmsd_store_limit_bytes "));
     api_resp_free(&r);
     call_expect("app", "GET", "/metrics", NULL, 403, "forbidden");
     /* The same over IPv6 loopback, where the host has it. */

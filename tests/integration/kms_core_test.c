@@ -361,6 +361,7 @@ static void test_backup(void **state)
     assert_ok(kms_stats_get(f->k, &s));
     assert_true(s.keys > 0);
     assert_true(s.store_used_bytes > 0 && s.store_used_bytes <= s.store_map_size);
+    assert_true(s.store_limit_bytes > s.store_used_bytes);
     assert_ok(kms_ready(f->k));
 }
 

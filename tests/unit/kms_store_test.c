@@ -124,6 +124,13 @@ static void test_reserve_kept_for_reclaim(void **state)
     size_t count = 0;
     assert_int_equal(kms_store_read(f->s, count_audit, &count).err, KMS_OK);
     assert_int_equal(count, n);
+    /* The gauges: the limit is the maximum less the reserve, and the store
+     * holds it to within the record that no longer fitted. */
+    size_t map, used, limit;
+    kms_store_sizes(f->s, &map, &used, &limit);
+    assert_int_equal(map, MAP_MAX);
+    assert_true(limit < MAP_MAX && limit >= MAP_MAX * 3 / 4);
+    assert_true(used <= limit && used + 2 * 4096 > limit);
     /* Ordinary writes that add stay refused. */
     span one = {.first = n, .count = 1, .fill = 'a'};
     assert_int_equal(kms_store_write(f->s, put_span, &one).err, KMS_ERR_STORE_FULL);
@@ -136,6 +143,11 @@ static void test_reserve_kept_for_reclaim(void **state)
     assert_int_equal(kms_store_reclaim(f->s, del_span, &half).err, KMS_OK);
     assert_int_equal(kms_store_read(f->s, count_audit, &count).err, KMS_OK);
     assert_int_equal(count, n - n / 2);
+    /* What the store holds came down with the cut (the file's high-water
+     * mark does not). */
+    size_t used_after;
+    kms_store_sizes(f->s, &map, &used_after, &limit);
+    assert_true(used_after < used * 3 / 4);
 
     /* Room again for ordinary writes, up to the same limit. */
     uint64_t again = 0;
