@@ -670,6 +670,16 @@ KMS_RESULT kms_open(const kms_config *cfg, kms **out)
         goto fail;
     fprintf(stderr, "kms: store %s: %s%s\n", cfg->store_path, rep.summary,
             resumed ? " (interrupted master rotation finished)" : "");
+    /* A store already near its maximum refuses ordinary writes as soon as
+     * they would grow it: say so at start, not at the first refusal. */
+    size_t map, used, limit;
+    kms_store_sizes(k->store, &map, &used, &limit);
+    if (used * 10 > limit * 9)
+        fprintf(stderr,
+                "kms: store %s holds %zu of the %zu bytes ordinary writes may fill "
+                "(store_map_size_max less the reserve kept for pruning): prune or raise "
+                "store_map_size_max (docs/runbook.md, \"A store running full\")\n",
+                cfg->store_path, used, limit);
     *out = k;
     return KMS_OK_RESULT;
 fail:
