@@ -247,8 +247,7 @@ static int srv_hist_get(http_client *mc, const char *base, const char *route, sr
         const char *eol = strchr(p, '\n');
         if (strncmp(p, prefix, (size_t)pl) == 0) {
             const char *v = p + pl;
-            char *end = NULL;
-            double le = strncmp(v, "+Inf", 4) == 0 ? INFINITY : strtod(v, &end);
+            double le = strncmp(v, "+Inf", 4) == 0 ? INFINITY : strtod(v, NULL);
             const char *q = strstr(v, "} ");
             if (q != NULL && (eol == NULL || q < eol)) {
                 h->le[h->n] = le;
