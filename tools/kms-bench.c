@@ -763,6 +763,16 @@ static int parse_conns(const char *s, kms_bench_opts *o)
     return o->n_conns > 0 ? 0 : -1;
 }
 
+/* A whole number in [1, max]; 0 and -1 as parse_option. */
+static int parse_count(const char *arg, unsigned long max, unsigned *out)
+{
+    char *end = NULL;
+    errno = 0;
+    unsigned long v = strtoul(arg, &end, 10);
+    *out = (unsigned)v;
+    return errno == 0 && *end == '\0' && v > 0 && v <= max ? 0 : -1;
+}
+
 static int parse_option(kms_bench_opts *o, int id, const char *arg)
 {
     char *end = NULL;
@@ -820,18 +830,10 @@ static int parse_option(kms_bench_opts *o, int id, const char *arg)
     case OPT_OPS:
         o->ops = arg;
         return *arg != '\0' ? 0 : -1;
-    case OPT_CLIENT_THREADS: {
-        errno = 0;
-        unsigned long v = strtoul(arg, &end, 10);
-        o->client_threads = (unsigned)v;
-        return errno == 0 && *end == '\0' && v > 0 && v <= 1024 ? 0 : -1;
-    }
-    case OPT_ROUNDS: {
-        errno = 0;
-        unsigned long v = strtoul(arg, &end, 10);
-        o->rounds = (unsigned)v;
-        return errno == 0 && *end == '\0' && v > 0 && v <= KMS_BENCH_ROUNDS_MAX ? 0 : -1;
-    }
+    case OPT_CLIENT_THREADS:
+        return parse_count(arg, 1024, &o->client_threads);
+    case OPT_ROUNDS:
+        return parse_count(arg, KMS_BENCH_ROUNDS_MAX, &o->rounds);
     case OPT_JSON:
         o->json = true;
         return 0;

@@ -592,12 +592,10 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
         free(th[i].lat_us);
     }
     qsort(all, n_lat, sizeof(uint32_t), cmp_u32);
+    /* One round's sums and percentiles; pool_finish derives the rates. */
     *res = (http_result){.op = op, .conns = conns, .requests = ok, .errors = errors};
-    res->req_s = elapsed > 0 ? (double)ok / elapsed : 0;
-    res->items_s = res->req_s * (op == H_REWRAP_BATCH ? HTTP_BATCH_ITEMS : 1);
     res->p50_ms = n_lat ? all[n_lat / 2] / 1e3 : 0;
     res->p99_ms = n_lat ? all[(n_lat * 99) / 100] / 1e3 : 0;
-    res->cpu_us_per_req = cpu0 >= 0 && cpu1 >= 0 && ok > 0 ? (cpu1 - cpu0) * 1e6 / (double)ok : -1;
     res->elapsed_s = elapsed;
     res->cpu_s = cpu0 >= 0 && cpu1 >= 0 ? cpu1 - cpu0 : -1;
     res->srv_p99_ms = have_h1 ? srv_p99_ms(&h0, &h1) : -1;
