@@ -19,6 +19,15 @@ fail() {
     exit 1
 }
 
+# Counts out of range are usage errors (64), before any connection.
+for bad in "--rounds 0" "--rounds 51" "--rounds 2x" "--client-threads 0" "--client-threads 1025"; do
+    rc=0
+    # shellcheck disable=SC2086 # $bad is an option and its value
+    "$build/tools/kms-bench" http --url https://127.0.0.1:1 --cert x --key x --cacert x $bad \
+        >/dev/null 2>&1 || rc=$?
+    [ "$rc" -eq 64 ] || fail "kms-bench http $bad: exit $rc, not 64"
+done
+
 # Closed loop: 1 and 17 connections (two client threads, 9 and 8).
 "$here/bench-http.sh" "$build" --json --seconds 0.5 --connections 1,17 \
     --ops healthz,wrap,rewrap-batch >"$out"
