@@ -263,9 +263,11 @@ static int srv_hist_get(http_client *mc, const char *base, const char *route, sr
 /* The 99th percentile, in ms, of the requests counted between two scrapes,
  * interpolated within its bucket as Prometheus's histogram_quantile does;
  * < 0 if there were none or the bucket layouts differ. In the +Inf bucket
- * it is the last finite bound (a lower bound). */
-static double srv_p99_ms(const srv_hist *a, const srv_hist *b)
+ * it is the last finite bound (a lower bound). *floor_ms is the bucket's
+ * lower bound: the true percentile is above it, wherever the estimate is. */
+static double srv_p99_ms(const srv_hist *a, const srv_hist *b, double *floor_ms)
 {
+    *floor_ms = -1;
     if (a->n != b->n || a->n == 0) {
         return -1;
     }
@@ -277,6 +279,7 @@ static double srv_p99_ms(const srv_hist *a, const srv_hist *b)
     for (unsigned i = 0; i < b->n; i++) {
         double c = b->cum[i] - a->cum[i];
         if (c >= want) {
+            *floor_ms = lo * 1e3;
             if (isinf(b->le[i])) {
                 return lo * 1e3;
             }
@@ -421,6 +424,9 @@ static void *load_run(void *arg)
         }
     }
     usable = usable && load_warm(t, m, cs);
+    /* Twice: every thread's warm-up has been answered, then the server's
+     * figures before have been read; only then does the load start. */
+    (void)pthread_barrier_wait(t->start);
     (void)pthread_barrier_wait(t->start);
     double t0 = kms_bench_now(), end = t0 + t->seconds;
     for (unsigned i = 0; usable && i < t->n; i++) {
@@ -500,9 +506,10 @@ typedef struct {
     /* Pooling over --rounds: the sums, and each round's percentiles. */
     double elapsed_s, cpu_s; /* cpu_s < 0: not measured */
     double srv_p99_ms;       /* from kmsd's histogram; < 0: not measured */
+    double srv_floor_ms;     /* the lower bound of its bucket */
     unsigned rounds;
     double p50s[KMS_BENCH_ROUNDS_MAX], p99s[KMS_BENCH_ROUNDS_MAX];
-    double srv_p99s[KMS_BENCH_ROUNDS_MAX];
+    double srv_p99s[KMS_BENCH_ROUNDS_MAX], srv_floors[KMS_BENCH_ROUNDS_MAX];
 } http_result;
 
 static int cmp_u32(const void *a, const void *b)
@@ -554,15 +561,18 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
             abort(); /* out of memory or threads: nothing sensible to measure */
         }
     }
-    /* The server's histogram before: the warm-up requests that finish
-     * after this scrape count in it, a handful against thousands. */
+    /* The clients warm up (TLS handshakes, a first request each) before
+     * the first barrier. The server's histogram and CPU are read between
+     * it and the second, when no request is in flight: the server then
+     * counts exactly the requests the clients time (a connection's first
+     * request, slower, would otherwise be a good part of the top 1 % at
+     * a few thousand requests), and a handshake (milliseconds of CPU) is
+     * not charged to the cell. */
+    (void)pthread_barrier_wait(&bar);
     srv_hist h0, h1;
     bool have_h0 = mc != NULL && srv_hist_get(mc, o->url, http_op_routes[op], &h0) == 0;
-    /* The clients warm up (TLS handshakes, a first request each) before
-     * the barrier: the server's CPU is read after it, so that a handshake
-     * (milliseconds of CPU) is not charged to the cell's requests. */
-    (void)pthread_barrier_wait(&bar);
     double cpu0 = o->server_pid > 0 ? server_cpu(o->server_pid) : -1;
+    (void)pthread_barrier_wait(&bar);
     double t0 = kms_bench_now();
     uint64_t ok = 0, errors = 0;
     size_t n_lat = 0;
@@ -598,7 +608,8 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
     res->p99_ms = n_lat ? all[(n_lat * 99) / 100] / 1e3 : 0;
     res->elapsed_s = elapsed;
     res->cpu_s = cpu0 >= 0 && cpu1 >= 0 ? cpu1 - cpu0 : -1;
-    res->srv_p99_ms = have_h1 ? srv_p99_ms(&h0, &h1) : -1;
+    res->srv_floor_ms = -1;
+    res->srv_p99_ms = have_h1 ? srv_p99_ms(&h0, &h1, &res->srv_floor_ms) : -1;
     if (errors > 0) {
         fprintf(stderr, "kms-bench: %s at %u connections: %llu failed requests (last status %ld)\n",
                 http_op_names[op], conns, (unsigned long long)errors, bad);
@@ -786,13 +797,13 @@ static void report(const kms_bench_opts *o, const http_result *res, size_t n,
         json_t *arr = json_array();
         for (size_t i = 0; i < n; i++) {
             json_array_append_new(
-                arr,
-                json_pack("{s:s, s:i, s:f, s:f, s:f, s:f, s:I, s:I, s:f, s:f}", "op",
-                          http_op_names[res[i].op], "connections", (int)res[i].conns, "req_per_s",
-                          res[i].req_s, "items_per_s", res[i].items_s, "p50_ms", res[i].p50_ms,
-                          "p99_ms", res[i].p99_ms, "requests", (json_int_t)res[i].requests,
-                          "errors", (json_int_t)res[i].errors, "server_cpu_us_per_req",
-                          res[i].cpu_us_per_req, "server_p99_ms", res[i].srv_p99_ms));
+                arr, json_pack("{s:s, s:i, s:f, s:f, s:f, s:f, s:I, s:I, s:f, s:f, s:f}", "op",
+                               http_op_names[res[i].op], "connections", (int)res[i].conns,
+                               "req_per_s", res[i].req_s, "items_per_s", res[i].items_s, "p50_ms",
+                               res[i].p50_ms, "p99_ms", res[i].p99_ms, "requests",
+                               (json_int_t)res[i].requests, "errors", (json_int_t)res[i].errors,
+                               "server_cpu_us_per_req", res[i].cpu_us_per_req, "server_p99_ms",
+                               res[i].srv_p99_ms, "server_p99_floor_ms", res[i].srv_floor_ms));
         }
         json_object_set_new(j, "results", arr);
         if (have_raw) {
@@ -897,6 +908,7 @@ static void pool_add(http_result *acc, const http_result *one)
     acc->p50s[acc->rounds] = one->p50_ms;
     acc->p99s[acc->rounds] = one->p99_ms;
     acc->srv_p99s[acc->rounds] = one->srv_p99_ms;
+    acc->srv_floors[acc->rounds] = one->srv_floor_ms;
     acc->rounds++;
 }
 
@@ -910,9 +922,11 @@ static void pool_finish(http_result *acc)
     acc->p99_ms = median(acc->p99s, acc->rounds);
     /* A round without the server's figure leaves the cell without one. */
     acc->srv_p99_ms = median(acc->srv_p99s, acc->rounds);
+    acc->srv_floor_ms = median(acc->srv_floors, acc->rounds);
     for (unsigned i = 0; i < acc->rounds; i++) {
         if (acc->srv_p99s[i] < 0) {
             acc->srv_p99_ms = -1;
+            acc->srv_floor_ms = -1;
         }
     }
 }

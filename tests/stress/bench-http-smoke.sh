@@ -37,12 +37,19 @@ jq -e 'all(.results[]; .requests > 0 and .errors == 0 and .p50_ms > 0 and .p99_m
 jq -e 'all(.results[]; .server_cpu_us_per_req > 0)' "$out" >/dev/null ||
     fail "closed loop: no server CPU figure"
 # The server's own p99, from kmsd's histogram (read with the admin
-# certificate), is there; for the single operations, whose buckets are at
-# most 1 ms wide below 5 ms, it is not above what the client saw by more
-# than a bucket.
-jq -e 'all(.results[]; .server_p99_ms > 0)' "$out" >/dev/null ||
+# certificate), is there and inside its bucket. The server times the same
+# requests as the client (its figures are read while none is in flight),
+# each from after its headers to after its answer was written, so its p99
+# is not above the client's: the bucket it falls in starts below the
+# client's p99. The estimate itself may lie anywhere in that bucket (5 and
+# 15 ms wide above 5 ms, where a sanitizer build's 17 connections land),
+# and the server's clock stops when libmicrohttpd reports the answer sent,
+# which a busy 2-CPU machine may let the client see first: 1 ms is allowed
+# for that.
+jq -e 'all(.results[]; .server_p99_ms > 0 and .server_p99_floor_ms >= 0
+        and .server_p99_floor_ms <= .server_p99_ms)' "$out" >/dev/null ||
     fail "closed loop: no server-side p99"
-jq -e 'all(.results[] | select(.op != "batch rewrap"); .server_p99_ms <= .p99_ms + 1)' \
+jq -e 'all(.results[] | select(.op != "batch rewrap"); .server_p99_floor_ms <= .p99_ms + 1)' \
     "$out" >/dev/null || fail "closed loop: server-side p99 above the client's"
 # The CPU and batch checks were computed (raw baseline, floor and batch
 # present; the p99 check needs a 16-connection cell, not run here).
