@@ -30,10 +30,11 @@ typedef struct {
     unsigned conns[KMS_BENCH_MAX_CONNS_LIST];
     size_t n_conns;
     long server_pid;
-    double rate;             /* total requests/s offered per single-item run; 0 = closed loop */
-    const char *ops;         /* http: comma-separated operations to run; NULL = all */
-    unsigned client_threads; /* http: threads driving the connections; 0 = one per 16 */
-    unsigned rounds;         /* http: measurements per cell, taking turns; 0 = 1 */
+    double rate;               /* total requests/s offered per single-item run; 0 = closed loop */
+    const char *ops;           /* http: comma-separated operations to run; NULL = all */
+    unsigned client_threads;   /* http: threads driving the connections; 0 = one per 16 */
+    unsigned rounds;           /* http: measurements per cell, taking turns; 0 = 1 */
+    unsigned background_batch; /* http: connections sending batch rewraps beside each cell */
     /* both */
     double seconds;
     size_t size;

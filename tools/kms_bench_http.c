@@ -507,6 +507,8 @@ typedef struct {
     double elapsed_s, cpu_s; /* cpu_s < 0: not measured */
     double srv_p99_ms;       /* from kmsd's histogram; < 0: not measured */
     double srv_floor_ms;     /* the lower bound of its bucket */
+    double bg_items;         /* --background-batch: items rewrapped beside it; < 0: none */
+    double bg_items_s;       /* the same per second of the cell (pool_finish) */
     unsigned rounds;
     double p50s[KMS_BENCH_ROUNDS_MAX], p99s[KMS_BENCH_ROUNDS_MAX];
     double srv_p99s[KMS_BENCH_ROUNDS_MAX], srv_floors[KMS_BENCH_ROUNDS_MAX];
@@ -528,14 +530,20 @@ static unsigned load_threads(const kms_bench_opts *o, unsigned conns)
     return n < conns ? n : conns;
 }
 
+/* One cell: conns connections sending op for --seconds. With bg_url set
+ * (--background-batch), one more thread keeps o->background_batch
+ * connections busy with batch rewraps meanwhile, timed apart: the cell's
+ * latencies are those of op beside a bulk re-encryption. */
 static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, const char *url,
-                        const char *body, http_client *mc, http_result *res)
+                        const char *body, const char *bg_url, const char *bg_body, http_client *mc,
+                        http_result *res)
 {
     unsigned nth = load_threads(o, conns);
-    load_thread *th = calloc(nth, sizeof(*th));
-    pthread_t *tid = calloc(nth, sizeof(*tid));
+    bool bg = bg_url != NULL && o->background_batch > 0;
+    load_thread *th = calloc(nth + 1, sizeof(*th));
+    pthread_t *tid = calloc(nth + 1, sizeof(*tid));
     pthread_barrier_t bar;
-    if (th == NULL || tid == NULL || pthread_barrier_init(&bar, NULL, nth + 1) != 0) {
+    if (th == NULL || tid == NULL || pthread_barrier_init(&bar, NULL, nth + (bg ? 2 : 1)) != 0) {
         free(th);
         free(tid);
         return -1;
@@ -559,6 +567,19 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
         th[i].lat_us = malloc(HTTP_LAT_MAX * sizeof(uint32_t));
         if (th[i].lat_us == NULL || pthread_create(&tid[i], NULL, load_run, &th[i]) != 0) {
             abort(); /* out of memory or threads: nothing sensible to measure */
+        }
+    }
+    if (bg) {
+        th[nth] = (load_thread){.o = o,
+                                .url = bg_url,
+                                .body = bg_body,
+                                .seconds = o->seconds,
+                                .start = &bar,
+                                .n = o->background_batch,
+                                .conns = o->background_batch};
+        th[nth].lat_us = malloc(HTTP_LAT_MAX * sizeof(uint32_t));
+        if (th[nth].lat_us == NULL || pthread_create(&tid[nth], NULL, load_run, &th[nth]) != 0) {
+            abort();
         }
     }
     /* The clients warm up (TLS handshakes, a first request each) before
@@ -591,6 +612,18 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
             bad = th[i].last_bad_status;
         }
     }
+    /* The background's last batch may end after the cell: it counts the
+     * batches answered by then. Its failures fail the cell. */
+    double bg_items = 0;
+    if (bg) {
+        (void)pthread_join(tid[nth], NULL);
+        bg_items = (double)th[nth].ok * HTTP_BATCH_ITEMS;
+        errors += th[nth].errors;
+        if (th[nth].last_bad_status != 0) {
+            bad = th[nth].last_bad_status;
+        }
+        free(th[nth].lat_us);
+    }
     uint32_t *all = malloc((n_lat ? n_lat : 1) * sizeof(uint32_t));
     if (all == NULL) {
         abort();
@@ -607,7 +640,9 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
     res->p50_ms = n_lat ? all[n_lat / 2] / 1e3 : 0;
     res->p99_ms = n_lat ? all[(n_lat * 99) / 100] / 1e3 : 0;
     res->elapsed_s = elapsed;
-    res->cpu_s = cpu0 >= 0 && cpu1 >= 0 ? cpu1 - cpu0 : -1;
+    /* With a background, the server's CPU is not the cell's alone. */
+    res->cpu_s = cpu0 >= 0 && cpu1 >= 0 && !bg ? cpu1 - cpu0 : -1;
+    res->bg_items = bg ? bg_items : -1;
     res->srv_floor_ms = -1;
     res->srv_p99_ms = have_h1 ? srv_p99_ms(&h0, &h1, &res->srv_floor_ms) : -1;
     if (errors > 0) {
@@ -791,19 +826,23 @@ static void report(const kms_bench_opts *o, const http_result *res, size_t n,
                    size_t n_checks)
 {
     if (o->json) {
-        json_t *j = json_pack("{s:s, s:s, s:f, s:f, s:i, s:i}", "mode", "http", "url", o->url,
+        json_t *j = json_pack("{s:s, s:s, s:f, s:f, s:i, s:i, s:i}", "mode", "http", "url", o->url,
                               "seconds", o->seconds, "rate", o->rate, "client_threads",
-                              (int)o->client_threads, "rounds", o->rounds > 0 ? (int)o->rounds : 1);
+                              (int)o->client_threads, "rounds", o->rounds > 0 ? (int)o->rounds : 1,
+                              "background_batch", (int)o->background_batch);
         json_t *arr = json_array();
         for (size_t i = 0; i < n; i++) {
-            json_array_append_new(
-                arr, json_pack("{s:s, s:i, s:f, s:f, s:f, s:f, s:I, s:I, s:f, s:f, s:f}", "op",
-                               http_op_names[res[i].op], "connections", (int)res[i].conns,
-                               "req_per_s", res[i].req_s, "items_per_s", res[i].items_s, "p50_ms",
-                               res[i].p50_ms, "p99_ms", res[i].p99_ms, "requests",
-                               (json_int_t)res[i].requests, "errors", (json_int_t)res[i].errors,
-                               "server_cpu_us_per_req", res[i].cpu_us_per_req, "server_p99_ms",
-                               res[i].srv_p99_ms, "server_p99_floor_ms", res[i].srv_floor_ms));
+            json_t *r = json_pack("{s:s, s:i, s:f, s:f, s:f, s:f, s:I, s:I, s:f, s:f, s:f}", "op",
+                                  http_op_names[res[i].op], "connections", (int)res[i].conns,
+                                  "req_per_s", res[i].req_s, "items_per_s", res[i].items_s,
+                                  "p50_ms", res[i].p50_ms, "p99_ms", res[i].p99_ms, "requests",
+                                  (json_int_t)res[i].requests, "errors", (json_int_t)res[i].errors,
+                                  "server_cpu_us_per_req", res[i].cpu_us_per_req, "server_p99_ms",
+                                  res[i].srv_p99_ms, "server_p99_floor_ms", res[i].srv_floor_ms);
+            if (res[i].bg_items_s >= 0) {
+                json_object_set_new(r, "background_items_per_s", json_real(res[i].bg_items_s));
+            }
+            json_array_append_new(arr, r);
         }
         json_object_set_new(j, "results", arr);
         if (have_raw) {
@@ -839,26 +878,36 @@ static void report(const kms_bench_opts *o, const http_result *res, size_t n,
     } else {
         printf("a client thread per %d connections, ", HTTP_CONNS_PER_THREAD);
     }
+    if (o->background_batch > 0) {
+        printf("beside %u connection(s) of batch rewraps (server CPU then n/a), ",
+               o->background_batch);
+    }
     if (o->rate > 0) {
         printf("open loop at %.0f req/s offered (batch rewrap back to back)\n\n", o->rate);
     } else {
         printf("closed loop (each client sends its next request when the last one is answered)"
                "\n\n");
     }
+    bool bgcol = o->background_batch > 0;
     printf("| operation | connections | req/s | items/s | p50 ms | p99 ms | errors | server CPU "
-           "us/req | server p99 ms |\n");
-    printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+           "us/req | server p99 ms |%s\n",
+           bgcol ? " background items/s |" : "");
+    printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|%s\n", bgcol ? "---:|" : "");
     for (size_t i = 0; i < n; i++) {
-        char cpu[32] = "n/a", srv[32] = "n/a";
+        char cpu[32] = "n/a", srv[32] = "n/a", bgi[32] = "";
+        if (bgcol) {
+            snprintf(bgi, sizeof(bgi), res[i].bg_items_s >= 0 ? " %.0f |" : " n/a |",
+                     res[i].bg_items_s);
+        }
         if (res[i].cpu_us_per_req >= 0) {
             snprintf(cpu, sizeof(cpu), "%.1f", res[i].cpu_us_per_req);
         }
         if (res[i].srv_p99_ms >= 0) {
             snprintf(srv, sizeof(srv), "%.2f", res[i].srv_p99_ms);
         }
-        printf("| %s | %u | %.0f | %.0f | %.2f | %.2f | %llu | %s | %s |\n",
+        printf("| %s | %u | %.0f | %.0f | %.2f | %.2f | %llu | %s | %s |%s\n",
                http_op_names[res[i].op], res[i].conns, res[i].req_s, res[i].items_s, res[i].p50_ms,
-               res[i].p99_ms, (unsigned long long)res[i].errors, cpu, srv);
+               res[i].p99_ms, (unsigned long long)res[i].errors, cpu, srv, bgi);
     }
     if (have_raw) {
         printf("\nraw PKCS#11 baseline on the same token: encrypt %.0f ops/s (1 thread), %.0f (2 "
@@ -904,6 +953,8 @@ static void pool_add(http_result *acc, const http_result *one)
         acc->errors += one->errors;
         acc->elapsed_s += one->elapsed_s;
         acc->cpu_s = acc->cpu_s >= 0 && one->cpu_s >= 0 ? acc->cpu_s + one->cpu_s : -1;
+        acc->bg_items =
+            acc->bg_items >= 0 && one->bg_items >= 0 ? acc->bg_items + one->bg_items : -1;
     }
     acc->p50s[acc->rounds] = one->p50_ms;
     acc->p99s[acc->rounds] = one->p99_ms;
@@ -918,6 +969,8 @@ static void pool_finish(http_result *acc)
     acc->items_s = acc->req_s * (acc->op == H_REWRAP_BATCH ? HTTP_BATCH_ITEMS : 1);
     acc->cpu_us_per_req =
         acc->cpu_s >= 0 && acc->requests > 0 ? acc->cpu_s * 1e6 / (double)acc->requests : -1;
+    acc->bg_items_s =
+        acc->bg_items >= 0 && acc->elapsed_s > 0 ? acc->bg_items / acc->elapsed_s : -1;
     acc->p50_ms = median(acc->p50s, acc->rounds);
     acc->p99_ms = median(acc->p99s, acc->rounds);
     /* A round without the server's figure leaves the cell without one. */
@@ -1008,8 +1061,12 @@ int kms_bench_http(const kms_bench_opts *o)
                 fprintf(stderr, "kms-bench: %s, %u connection(s), round %u of %u\n",
                         http_op_names[op], o->conns[ci], round + 1, rounds);
                 http_result one;
+                /* No background beside the batch cell itself. */
+                bool bg = op != H_REWRAP_BATCH;
                 if (load_measure(o, (http_op)op, o->conns[ci], s.url[op], s.body[op],
-                                 have_mc ? &mc : NULL, &one) == 0) {
+                                 bg ? s.url[H_REWRAP_BATCH] : NULL,
+                                 bg ? s.body[H_REWRAP_BATCH] : NULL, have_mc ? &mc : NULL,
+                                 &one) == 0) {
                     pool_add(&res[first + (size_t)op], &one);
                 }
             }
