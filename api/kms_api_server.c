@@ -211,6 +211,8 @@ KMS_RESULT kms_api_metrics_share(void)
 
 #define RID_BYTES KMS_RAND_ID_HEX_BYTES
 
+#define KMS_API_BATCH_THREADS_MAX 16
+
 struct kms_api_server {
     kms_daemon_config cfg;
     kms *k;
@@ -228,6 +230,16 @@ struct kms_api_server {
     _Atomic long held;          /* answers held (connection suspended) and not yet sent */
     _Atomic bool no_suspend;    /* stopping: answers are audited without suspending */
     _Atomic bool draining;
+    /* Batch requests run on threads of their own (batch_main), their
+     * connections suspended meanwhile, so that a batch does not hold a
+     * server thread and every other connection that thread serves. */
+    pthread_mutex_t bq_mu;
+    pthread_cond_t bq_cv;
+    void *bq_head, *bq_tail; /* req_ctx, linked through bq_next */
+    bool bq_stop;
+    pthread_t bq_threads[KMS_API_BATCH_THREADS_MAX];
+    unsigned bq_n;  /* set before the daemons start, then only read */
+    bool bq_joined; /* by the thread that stops the server */
     metrics own_metrics;
     metrics *m; /* own_metrics, or the block shared by all workers */
 
@@ -282,6 +294,12 @@ typedef struct {
     int held_status;
     _Atomic int au_outcome; /* 0 waiting, else 1 + the kms_err of the commit */
     kms_audit_record au_rec;
+    /* A batch handed to a batch thread: its answer is held as above, and
+     * the batch thread resumes the connection (offload_failed if it could
+     * make no answer: the connection is then closed). */
+    bool offloaded;
+    bool offload_failed;
+    void *bq_next;
 } req_ctx;
 
 /* ---- responses ---- */
@@ -452,6 +470,38 @@ static enum MHD_Result send_held(req_ctx *rq, struct MHD_Connection *conn)
     return queue_audited(rq, conn, rq->held_status, r, atomic_load(&rq->au_outcome) == 1 + KMS_OK);
 }
 
+/* On a batch thread: the batch's answer r is held for its suspended
+ * connection (counted in s->held since it was handed over), its record
+ * queued, and the connection resumed once the record is durable (at once
+ * without an audit trail). rq is not touched after the resume or the
+ * queueing: the connection's thread may free it from then on. */
+static enum MHD_Result hold_offloaded(req_ctx *rq, int status, struct MHD_Response *r)
+{
+    kms_api_server *s = rq->s;
+    struct MHD_Connection *conn = rq->mhd_conn;
+    rq->held = r;
+    rq->held_status = status;
+    if (rq->audited || !kms_audit_enabled(s->k)) {
+        atomic_store(&rq->au_outcome, 1 + (int)KMS_OK);
+        MHD_resume_connection(conn);
+        return MHD_YES;
+    }
+    rq->audited = true;
+    char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
+    kms_api_audit_event e;
+    audit_event_of(rq, status, op, sizeof(op), &e);
+    kms_api_audit_record_fill(&e, &rq->au_rec);
+    atomic_store(&rq->au_outcome, 0);
+    atomic_fetch_add(&s->audit_waiting, 1);
+    kms_result ar = kms_audit_submit(s->k, &rq->au_rec, e.announced, audit_committed, rq);
+    if (!kms_is_ok(ar)) {
+        atomic_store(&rq->au_outcome, 1 + (int)KMS_ERR_AUDIT_UNAVAILABLE);
+        MHD_resume_connection(conn);
+        atomic_fetch_sub(&s->audit_waiting, 1);
+    }
+    return MHD_YES;
+}
+
 static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int status, char *text,
                                  size_t len, const char *ctype)
 {
@@ -472,6 +522,9 @@ static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int s
     }
     if (atomic_load(&rq->s->draining)) {
         MHD_add_response_header(r, MHD_HTTP_HEADER_CONNECTION, "close");
+    }
+    if (rq->offloaded) {
+        return hold_offloaded(rq, status, r);
     }
     if (rq->audited || !kms_audit_enabled(rq->s->k)) {
         return queue_answer(rq, conn, status, r);
@@ -1697,6 +1750,87 @@ static bool content_type_json(struct MHD_Connection *conn)
            (ct[n] == '\0' || ct[n] == ';' || ct[n] == ' ');
 }
 
+/* ---- batches on threads of their own ---- */
+
+/* A batch thread: runs the batches handed over, each as dispatch would on
+ * the server thread; the answer goes out through hold_offloaded. */
+static void *batch_main(void *arg)
+{
+    kms_api_server *s = arg;
+    for (;;) {
+        pthread_mutex_lock(&s->bq_mu);
+        while (s->bq_head == NULL && !s->bq_stop) {
+            pthread_cond_wait(&s->bq_cv, &s->bq_mu);
+        }
+        req_ctx *rq = s->bq_head;
+        if (rq == NULL) {
+            pthread_mutex_unlock(&s->bq_mu);
+            break;
+        }
+        s->bq_head = rq->bq_next;
+        if (s->bq_head == NULL) {
+            s->bq_tail = NULL;
+        }
+        pthread_mutex_unlock(&s->bq_mu);
+        struct MHD_Connection *conn = rq->mhd_conn;
+        if (dispatch(rq, conn) == MHD_NO) {
+            /* No answer could be made (out of memory): nothing was held
+             * or resumed; the connection's thread closes it. */
+            rq->offload_failed = true;
+            MHD_resume_connection(conn);
+        }
+    }
+    return NULL;
+}
+
+/* Hands a batch to a batch thread, its connection suspended; false (run
+ * it here) when there is none or the server is stopping. Counted in held
+ * first, so that held_drain either waits for it or this sees no_suspend
+ * (both sequentially consistent). */
+static bool batch_offload(req_ctx *rq, struct MHD_Connection *conn)
+{
+    kms_api_server *s = rq->s;
+    if (s->bq_n == 0) {
+        return false;
+    }
+    atomic_fetch_add(&s->held, 1);
+    if (atomic_load(&s->no_suspend)) {
+        atomic_fetch_sub(&s->held, 1);
+        return false;
+    }
+    rq->offloaded = true;
+    rq->mhd_conn = conn;
+    rq->bq_next = NULL;
+    MHD_suspend_connection(conn);
+    pthread_mutex_lock(&s->bq_mu);
+    if (s->bq_tail != NULL) {
+        ((req_ctx *)s->bq_tail)->bq_next = rq;
+    } else {
+        s->bq_head = rq;
+    }
+    s->bq_tail = rq;
+    pthread_cond_signal(&s->bq_cv);
+    pthread_mutex_unlock(&s->bq_mu);
+    return true;
+}
+
+/* Once nothing is held (held_drain), the batch threads are idle: stop
+ * them. */
+static void batch_threads_stop(kms_api_server *s)
+{
+    if (s->bq_n == 0 || s->bq_joined) {
+        return;
+    }
+    pthread_mutex_lock(&s->bq_mu);
+    s->bq_stop = true;
+    pthread_cond_broadcast(&s->bq_cv);
+    pthread_mutex_unlock(&s->bq_mu);
+    for (unsigned i = 0; i < s->bq_n; i++) {
+        pthread_join(s->bq_threads[i], NULL);
+    }
+    s->bq_joined = true;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version, const char *upload_data,
                                   size_t *upload_data_size, void **con_cls)
@@ -1790,6 +1924,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *upload_data_size = 0;
         return send_held(rq, conn);
     }
+    if (rq->offload_failed) {
+        rq->offload_failed = false;
+        atomic_fetch_sub(&s->held, 1);
+        return MHD_NO;
+    }
     if (rq->responded) {
         *upload_data_size = 0; /* discard the rest of a refused request */
         return MHD_YES;
@@ -1822,6 +1961,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         snprintf(msg, sizeof(msg), "request body exceeds the limit of %zu bytes",
                  s->cfg.max_body_bytes);
         return send_error(rq, conn, KMS_ERR_BODY_TOO_LARGE, msg);
+    }
+    if (rq->route == R_BATCH && batch_offload(rq, conn)) {
+        return MHD_YES;
     }
     return dispatch(rq, conn);
 }
@@ -1982,6 +2124,8 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
     kms_log_set_level(cfg->log_level);
     pthread_rwlock_init(&s->lock, NULL);
     pthread_mutex_init(&s->ready_mu, NULL);
+    pthread_mutex_init(&s->bq_mu, NULL);
+    pthread_cond_init(&s->bq_cv, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -1997,6 +2141,17 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
         goto fail;
     }
     s->prober_started = true;
+    /* As many batch threads as server threads: as many batches at once as
+     * before they had threads of their own. */
+    unsigned nb = threads > 1 ? threads : 1;
+    nb = nb < KMS_API_BATCH_THREADS_MAX ? nb : KMS_API_BATCH_THREADS_MAX;
+    for (unsigned i = 0; i < nb; i++) {
+        if (pthread_create(&s->bq_threads[i], NULL, batch_main, s) != 0) {
+            res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
+            goto fail;
+        }
+        s->bq_n++;
+    }
 
     for (size_t i = 0; i < n; i++) {
         unsigned flags = MHD_USE_TLS | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL |
@@ -2112,6 +2267,7 @@ void kms_api_server_shutdown(kms_api_server *s)
                 (long)atomic_load(&s->inflight));
     }
     held_drain(s);
+    batch_threads_stop(s);
     for (size_t i = 0; i < s->daemon_count; i++) {
         MHD_stop_daemon(s->daemons[i]);
         s->daemons[i] = NULL;
@@ -2125,6 +2281,7 @@ void kms_api_server_free(kms_api_server *s)
         return;
     }
     held_drain(s);
+    batch_threads_stop(s);
     for (size_t i = 0; i < s->daemon_count; i++) {
         MHD_stop_daemon(s->daemons[i]);
     }
@@ -2141,6 +2298,8 @@ void kms_api_server_free(kms_api_server *s)
     pthread_rwlock_destroy(&s->lock);
     pthread_mutex_destroy(&s->ready_mu);
     pthread_cond_destroy(&s->ready_cv);
+    pthread_mutex_destroy(&s->bq_mu);
+    pthread_cond_destroy(&s->bq_cv);
     kms_api_tls_free();
     free(s);
 }

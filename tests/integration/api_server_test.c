@@ -15,6 +15,7 @@
 #include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -1044,6 +1045,51 @@ static void test_processes_mode(void **state)
     run_sigterm_under_load();
 }
 
+/* A batch runs on a thread of its own, not on the server thread that
+ * received it: with a single server thread, /healthz on another connection
+ * is answered while a batch waits on the HSM (an injected 3 s delay in its
+ * first C_Encrypt). Before batches had threads of their own, that thread
+ * answered nothing else until the batch was done. */
+typedef struct {
+    api_resp r;
+    atomic_bool done;
+} batch_call;
+
+static void *batch_call_main(void *arg)
+{
+    batch_call *b = arg;
+    api_call(&F, "app", "POST", "/v1/keys/app-1/batch/wrap",
+             "{\"items\":[{\"plaintext\":\"AAECAwQFBgcICQoLDA0ODw==\"},"
+             "{\"plaintext\":\"AAECAwQFBgcICQoLDA0ODw==\"}]}",
+             &b->r);
+    atomic_store(&b->done, true);
+    return NULL;
+}
+
+static void test_batch_own_thread(void **state)
+{
+    (void)state;
+    assert_int_equal(api_fixture_start(&F, "workers = threads:1\n"), 0);
+    kms_fault_reset();
+    kms_fault_arm("C_Encrypt", 1, 0, 3000);
+    batch_call b = {0};
+    atomic_init(&b.done, false);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, batch_call_main, &b), 0);
+    /* Until the batch waits in the HSM (the delay has fired). */
+    for (int i = 0; i < 200 && kms_fault_fired() == 0; i++) {
+        sleep_ms(10);
+    }
+    assert_true(kms_fault_fired() > 0);
+    call_expect("app", "GET", "/healthz", NULL, 200, NULL);
+    assert_false(atomic_load(&b.done));
+    pthread_join(t, NULL);
+    expect_status(&b.r, 200, NULL);
+    assert_int_equal(jint(&b.r, "succeeded"), 2);
+    api_resp_free(&b.r);
+    kms_fault_disarm();
+}
+
 /* Whether pid is a live (non-zombie) process. */
 static bool alive(int pid)
 {
@@ -1208,6 +1254,7 @@ int main(void)
         cmocka_unit_test(test_sigterm_under_load),
         cmocka_unit_test(test_processes_mode),
         cmocka_unit_test(test_supervisor_killed),
+        cmocka_unit_test(test_batch_own_thread),
         cmocka_unit_test(test_bench),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
