@@ -470,36 +470,48 @@ static enum MHD_Result send_held(req_ctx *rq, struct MHD_Connection *conn)
     return queue_audited(rq, conn, rq->held_status, r, atomic_load(&rq->au_outcome) == 1 + KMS_OK);
 }
 
-/* On a batch thread: the batch's answer r is held for its suspended
- * connection (counted in s->held since it was handed over), its record
- * queued, and the connection resumed once the record is durable (at once
- * without an audit trail). rq is not touched after the resume or the
- * queueing: the connection's thread may free it from then on. */
-static enum MHD_Result hold_offloaded(req_ctx *rq, int status, struct MHD_Response *r)
+/* Holds r for rq's connection, already suspended and counted in s->held,
+ * and queues the answer's record; the committer resumes the connection
+ * once the record is durable (audit_committed), or this does at once if
+ * the record cannot be queued (send_held then refuses). rq is not touched
+ * after the queueing or the resume: the connection's thread may free it
+ * from then on. */
+static enum MHD_Result hold_for_record(req_ctx *rq, const kms_api_audit_event *e, int status,
+                                       struct MHD_Response *r)
 {
     kms_api_server *s = rq->s;
     struct MHD_Connection *conn = rq->mhd_conn;
+    kms_api_audit_record_fill(e, &rq->au_rec);
     rq->held = r;
     rq->held_status = status;
-    if (rq->audited || !kms_audit_enabled(s->k)) {
-        atomic_store(&rq->au_outcome, 1 + (int)KMS_OK);
-        MHD_resume_connection(conn);
-        return MHD_YES;
-    }
-    rq->audited = true;
-    char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
-    kms_api_audit_event e;
-    audit_event_of(rq, status, op, sizeof(op), &e);
-    kms_api_audit_record_fill(&e, &rq->au_rec);
     atomic_store(&rq->au_outcome, 0);
     atomic_fetch_add(&s->audit_waiting, 1);
-    kms_result ar = kms_audit_submit(s->k, &rq->au_rec, e.announced, audit_committed, rq);
+    kms_result ar = kms_audit_submit(s->k, &rq->au_rec, e->announced, audit_committed, rq);
     if (!kms_is_ok(ar)) {
         atomic_store(&rq->au_outcome, 1 + (int)KMS_ERR_AUDIT_UNAVAILABLE);
         MHD_resume_connection(conn);
         atomic_fetch_sub(&s->audit_waiting, 1);
     }
     return MHD_YES;
+}
+
+/* On a batch thread: the batch's answer r is held for its suspended
+ * connection (counted in s->held since it was handed over) until its
+ * record is durable, or resumed at once without an audit trail. */
+static enum MHD_Result hold_offloaded(req_ctx *rq, int status, struct MHD_Response *r)
+{
+    if (rq->audited || !kms_audit_enabled(rq->s->k)) {
+        rq->held = r;
+        rq->held_status = status;
+        atomic_store(&rq->au_outcome, 1 + (int)KMS_OK);
+        MHD_resume_connection(rq->mhd_conn);
+        return MHD_YES;
+    }
+    rq->audited = true;
+    char op[KMS_AUDIT_OPERATION_MAX_BYTES + 1];
+    kms_api_audit_event e;
+    audit_event_of(rq, status, op, sizeof(op), &e);
+    return hold_for_record(rq, &e, status, r);
 }
 
 static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int status, char *text,
@@ -548,24 +560,12 @@ static enum MHD_Result send_text(req_ctx *rq, struct MHD_Connection *conn, int s
      * answer is held and the connection suspended while the record's
      * group commit runs, so that this server thread serves other
      * connections meanwhile: requests in flight are bounded by
-     * connections, not threads, and more of them share each commit. */
-    kms_api_audit_record_fill(&e, &rq->au_rec);
-    rq->held = r;
-    rq->held_status = status;
-    rq->mhd_conn = conn;
-    atomic_store(&rq->au_outcome, 0);
-    atomic_fetch_add(&rq->s->audit_waiting, 1);
-    /* Suspended before the record is queued: the committer's resume can
+     * connections, not threads, and more of them share each commit.
+     * Suspended before the record is queued: the committer's resume can
      * then never come first. */
+    rq->mhd_conn = conn;
     MHD_suspend_connection(conn);
-    kms_result ar = kms_audit_submit(rq->s->k, &rq->au_rec, e.announced, audit_committed, rq);
-    if (!kms_is_ok(ar)) {
-        /* Not queued, so no callback: resume here; send_held refuses. */
-        atomic_store(&rq->au_outcome, 1 + (int)KMS_ERR_AUDIT_UNAVAILABLE);
-        MHD_resume_connection(conn);
-        atomic_fetch_sub(&rq->s->audit_waiting, 1);
-    }
-    return MHD_YES;
+    return hold_for_record(rq, &e, status, r);
 }
 
 /* Most answers (a single operation, an error: 100 to 400 bytes) fit this,
