@@ -1,6 +1,7 @@
 /*
- * The HTTPS server: libmicrohttpd over GnuTLS, one daemon per listening
- * socket. Order of work for every request, before any body is read:
+ * The HTTPS server: libmicrohttpd over GnuTLS, driven by server threads of
+ * kmsd's own (loop_main), each with one daemon per listening socket. Order
+ * of work for every request, before any body is read:
  * client certificate verified (once per connection, cached), route and
  * method resolved, role checked against the policy, Content-Length and
  * Content-Type checked. Only then is the body read (bounded), parsed
@@ -21,6 +22,7 @@
 #include <inttypes.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -28,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -213,12 +216,41 @@ KMS_RESULT kms_api_metrics_share(void)
 
 #define KMS_API_BATCH_THREADS_MAX 16
 
+/* A server thread: kmsd runs libmicrohttpd's event loop itself, one
+ * daemon per listening socket, all sharing the sockets with the other
+ * server threads (loop_main). */
+typedef struct api_loop {
+    kms_api_server *s;
+    struct MHD_Daemon *d[KMS_CONFIG_LISTEN_MAX];
+    size_t nd;
+    int wake_fd;        /* eventfd: a connection of this loop was resumed */
+    _Atomic bool woken; /* wake_fd written and not yet seen by the loop */
+    _Atomic bool stop;
+    /* Audit records of this pass's answers, written by the loop itself at
+     * the end of the pass (NULL with the audit off). */
+    kms_audit_writer *aw;
+    bool queued;
+    pthread_t thread;
+    bool started;
+} api_loop;
+
+/* Open connections of one client address, across the server threads. */
+typedef struct {
+    uint8_t key[17]; /* address family, then the address */
+    unsigned count;
+} ip_count;
+
 struct kms_api_server {
     kms_daemon_config cfg;
     kms *k;
-    struct MHD_Daemon *daemons[KMS_CONFIG_LISTEN_MAX];
-    size_t daemon_count;
+    api_loop *loops;
+    unsigned loop_count;
     char *ca_pem;
+    /* per_ip_connection_limit, counted by kmsd: each loop's daemon counts
+     * only its own connections. */
+    pthread_mutex_t ip_mu;
+    ip_count *ips;
+    size_t ip_n, ip_cap;
 
     pthread_rwlock_t lock; /* guards policy and trust (swapped on reload) */
     kms_policy *policy;
@@ -257,6 +289,9 @@ struct kms_api_server {
 };
 
 typedef struct {
+    api_loop *loop; /* the server thread that serves the connection */
+    bool ip_counted;
+    uint8_t ip_key[17];
     int verified;       /* 0 not yet, 1 ok, -1 refused */
     uint64_t trust_gen; /* the CA/CRL generation it was verified against */
     char identity[KMS_IDENTITY_MAX_BYTES + 1];
@@ -432,6 +467,34 @@ static enum MHD_Result queue_answer(req_ctx *rq, struct MHD_Connection *conn, in
     return ret;
 }
 
+/* The server thread's loop, on a server thread; NULL on other threads. */
+static _Thread_local api_loop *tl_loop;
+
+/* Wakes a server thread's loop; one write until the loop has seen it. */
+static void loop_wake(api_loop *l)
+{
+    if (atomic_exchange(&l->woken, true)) {
+        return;
+    }
+    uint64_t one = 1;
+    ssize_t w;
+    do {
+        w = write(l->wake_fd, &one, sizeof(one));
+    } while (w < 0 && errno == EINTR);
+}
+
+/* Resumes a suspended connection, from any thread, and wakes the loop
+ * that serves it: without an internal thread libmicrohttpd has no channel
+ * of its own for that (0.9.75 drops MHD_USE_ITC), and MHD_get_timeout does
+ * not count resumed connections, so the loop would not run them before its
+ * timeout. l is read by the caller before the resume, after which the
+ * request and its connection may be gone. */
+static void conn_resume(struct MHD_Connection *conn, api_loop *l)
+{
+    MHD_resume_connection(conn);
+    loop_wake(l);
+}
+
 /* On the audit's committer thread: the record of a held answer is durable
  * (or failed). rq belongs to the suspended connection, which no other
  * thread touches until it is resumed; after MHD_resume_connection rq may
@@ -440,8 +503,9 @@ static void audit_committed(void *arg, kms_err res)
 {
     req_ctx *rq = arg;
     kms_api_server *s = rq->s;
+    api_loop *l = rq->conn->loop;
     atomic_store(&rq->au_outcome, 1 + (int)res);
-    MHD_resume_connection(rq->mhd_conn);
+    conn_resume(rq->mhd_conn, l);
     atomic_fetch_sub(&s->audit_waiting, 1);
 }
 
@@ -486,10 +550,19 @@ static enum MHD_Result hold_for_record(req_ctx *rq, const kms_api_audit_event *e
     rq->held_status = status;
     atomic_store(&rq->au_outcome, 0);
     atomic_fetch_add(&s->audit_waiting, 1);
-    kms_result ar = kms_audit_submit(s->k, &rq->au_rec, e->announced, audit_committed, rq);
+    /* On a server thread the record is written by the thread itself at
+     * the end of its pass, with the pass's other records, and only the
+     * sync is left to another thread: no hand-off to the committer. */
+    api_loop *l = tl_loop;
+    kms_result ar = l != NULL && l->aw != NULL
+                        ? kms_audit_queue(s->k, &rq->au_rec, e->announced, audit_committed, rq)
+                        : kms_audit_submit(s->k, &rq->au_rec, e->announced, audit_committed, rq);
+    if (l != NULL && l->aw != NULL && kms_is_ok(ar)) {
+        l->queued = true;
+    }
     if (!kms_is_ok(ar)) {
         atomic_store(&rq->au_outcome, 1 + (int)KMS_ERR_AUDIT_UNAVAILABLE);
-        MHD_resume_connection(conn);
+        conn_resume(conn, rq->conn->loop);
         atomic_fetch_sub(&s->audit_waiting, 1);
     }
     return MHD_YES;
@@ -504,7 +577,7 @@ static enum MHD_Result hold_offloaded(req_ctx *rq, int status, struct MHD_Respon
         rq->held = r;
         rq->held_status = status;
         atomic_store(&rq->au_outcome, 1 + (int)KMS_OK);
-        MHD_resume_connection(rq->mhd_conn);
+        conn_resume(rq->mhd_conn, rq->conn->loop);
         return MHD_YES;
     }
     rq->audited = true;
@@ -1673,28 +1746,117 @@ done:
 
 /* ---- libmicrohttpd callbacks ---- */
 
+/* The key of a client address for per_ip_connection_limit: its family,
+ * then its bytes; false for other families (not counted, as
+ * libmicrohttpd's own limit does not count them). */
+static bool ip_key_of(const struct sockaddr *sa, uint8_t key[17])
+{
+    memset(key, 0, 17);
+    if (sa != NULL && sa->sa_family == AF_INET) {
+        key[0] = 4;
+        memcpy(key + 1, &((const struct sockaddr_in *)sa)->sin_addr, 4);
+        return true;
+    }
+    if (sa != NULL && sa->sa_family == AF_INET6) {
+        key[0] = 6;
+        memcpy(key + 1, &((const struct sockaddr_in6 *)sa)->sin6_addr, 16);
+        return true;
+    }
+    return false;
+}
+
+/* Under ip_mu: the slot of key, or NULL. A plain array: at most
+ * connection_limit distinct addresses, looked at once per new connection,
+ * which costs a TLS handshake anyway. */
+static ip_count *ip_find(kms_api_server *s, const uint8_t key[17])
+{
+    for (size_t i = 0; i < s->ip_n; i++) {
+        if (memcmp(s->ips[i].key, key, 17) == 0) {
+            return &s->ips[i];
+        }
+    }
+    return NULL;
+}
+
+/* Counts a connection of key; false if no slot could be made. */
+static bool ip_add(kms_api_server *s, const uint8_t key[17])
+{
+    bool ok = true;
+    pthread_mutex_lock(&s->ip_mu);
+    ip_count *c = ip_find(s, key);
+    if (c == NULL) {
+        if (s->ip_n == s->ip_cap) {
+            size_t cap = s->ip_cap != 0 ? 2 * s->ip_cap : 16;
+            ip_count *n = realloc(s->ips, cap * sizeof(*n));
+            if (n == NULL) {
+                ok = false;
+                goto out;
+            }
+            s->ips = n;
+            s->ip_cap = cap;
+        }
+        c = &s->ips[s->ip_n++];
+        memcpy(c->key, key, 17);
+        c->count = 0;
+    }
+    c->count++;
+out:
+    pthread_mutex_unlock(&s->ip_mu);
+    return ok;
+}
+
+static void ip_del(kms_api_server *s, const uint8_t key[17])
+{
+    pthread_mutex_lock(&s->ip_mu);
+    ip_count *c = ip_find(s, key);
+    if (c != NULL && --c->count == 0) {
+        *c = s->ips[--s->ip_n];
+    }
+    pthread_mutex_unlock(&s->ip_mu);
+}
+
 /* While draining, a new connection is closed as soon as it is accepted.
- * This stands in for MHD_quiesce_daemon, which cannot be used with an epoll
- * thread pool: it removes the listening socket from each pool thread's
- * epoll set from the calling thread while those threads, seeing the daemon
- * quiesced, may remove it themselves, and the loser of that race aborts the
- * process ("Failed to remove listen FD from epoll set", libmicrohttpd
- * 0.9.75; seen as a worker killed by SIGABRT while stopping). */
+ * This stands in for MHD_quiesce_daemon, which removes the listening
+ * socket from a daemon's epoll set from the calling thread while the
+ * daemon's own thread, seeing it quiesced, may remove it too, and the
+ * loser of that race aborts the process ("Failed to remove listen FD from
+ * epoll set", libmicrohttpd 0.9.75; seen as a worker killed by SIGABRT
+ * while stopping). A connection over per_ip_connection_limit is closed the
+ * same way: the limit is counted by kmsd over the connections started on
+ * every server thread of the process (each thread's daemon sees only its
+ * own); two accepted at the same moment on different threads may both
+ * pass it. */
 static enum MHD_Result on_accept(void *cls, const struct sockaddr *addr, socklen_t addrlen)
 {
-    (void)addr;
     (void)addrlen;
-    const kms_api_server *s = cls;
-    return atomic_load(&s->draining) ? MHD_NO : MHD_YES;
+    kms_api_server *s = cls;
+    if (atomic_load(&s->draining)) {
+        return MHD_NO;
+    }
+    uint8_t key[17];
+    if (!ip_key_of(addr, key)) {
+        return MHD_YES;
+    }
+    pthread_mutex_lock(&s->ip_mu);
+    const ip_count *c = ip_find(s, key);
+    bool over = c != NULL && c->count >= s->cfg.per_ip_connection_limit;
+    pthread_mutex_unlock(&s->ip_mu);
+    if (over) {
+        kms_log(KMS_LOG_WARN, "connection refused: per_ip_connection_limit (%u) reached",
+                s->cfg.per_ip_connection_limit);
+        return MHD_NO;
+    }
+    return MHD_YES;
 }
 
 static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_context,
                           enum MHD_ConnectionNotificationCode toe)
 {
-    (void)cls;
+    api_loop *l = cls;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
         conn_ctx *cc = calloc(1, sizeof(*cc));
         if (cc != NULL) {
+            cc->loop = l;
             const union MHD_ConnectionInfo *ci =
                 MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
             const struct sockaddr *sa = ci != NULL ? ci->client_addr : NULL;
@@ -1705,10 +1867,17 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
                 inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, cc->addr,
                           sizeof(cc->addr));
             }
+            if (ip_key_of(sa, cc->ip_key)) {
+                cc->ip_counted = ip_add(l->s, cc->ip_key);
+            }
         }
         *socket_context = cc;
     } else {
-        free(*socket_context);
+        conn_ctx *cc = *socket_context;
+        if (cc != NULL && cc->ip_counted) {
+            ip_del(l->s, cc->ip_key);
+        }
+        free(cc);
         *socket_context = NULL;
     }
 }
@@ -1777,7 +1946,7 @@ static void *batch_main(void *arg)
             /* No answer could be made (out of memory): nothing was held
              * or resumed; the connection's thread closes it. */
             rq->offload_failed = true;
-            MHD_resume_connection(conn);
+            conn_resume(conn, rq->conn->loop);
         }
     }
     return NULL;
@@ -2109,6 +2278,77 @@ static kms_result load_ca_pem(const char *path, char **out)
     return KMS_OK_RESULT;
 }
 
+/* A server thread: waits on its daemons' epoll sets and its wake-up
+ * eventfd, then lets each daemon do what is ready. The wait is bounded by
+ * libmicrohttpd's own next deadline (connection timeouts, data already
+ * read by TLS), else by LOOP_IDLE_MS so that a stop is seen. */
+#define LOOP_IDLE_MS 1000
+
+static void *loop_main(void *arg)
+{
+    api_loop *l = arg;
+    struct pollfd pf[KMS_CONFIG_LISTEN_MAX + 1];
+    for (size_t i = 0; i < l->nd; i++) {
+        const union MHD_DaemonInfo *di = MHD_get_daemon_info(l->d[i], MHD_DAEMON_INFO_EPOLL_FD);
+        pf[i] = (struct pollfd){.fd = di != NULL ? di->epoll_fd : -1, .events = POLLIN};
+    }
+    pf[l->nd] = (struct pollfd){.fd = l->wake_fd, .events = POLLIN};
+    tl_loop = l;
+    while (!atomic_load(&l->stop)) {
+        int ms = LOOP_IDLE_MS;
+        for (size_t i = 0; i < l->nd; i++) {
+            MHD_UNSIGNED_LONG_LONG to;
+            if (MHD_get_timeout(l->d[i], &to) == MHD_YES && to < (MHD_UNSIGNED_LONG_LONG)ms) {
+                ms = (int)to;
+            }
+        }
+        if (poll(pf, l->nd + 1, ms) < 0 && errno != EINTR) {
+            kms_log(KMS_LOG_ERROR, "server thread: poll: %s", strerror(errno));
+            struct timespec d = {0, 10 * 1000000L};
+            nanosleep(&d, NULL);
+        }
+        if (pf[l->nd].revents != 0) {
+            uint64_t v;
+            (void)!read(l->wake_fd, &v, sizeof(v));
+        }
+        /* Cleared before the daemons run, so that a connection resumed
+         * while they do wakes the loop again. */
+        atomic_store(&l->woken, false);
+        for (size_t i = 0; i < l->nd; i++) {
+            MHD_run(l->d[i]);
+        }
+        if (l->queued) {
+            l->queued = false;
+            kms_audit_write_queued(l->aw);
+        }
+    }
+    tl_loop = NULL;
+    return NULL;
+}
+
+/* Stops the server threads (each finishes its pass), then the daemons:
+ * libmicrohttpd is stopped from this thread once no loop runs it. */
+static void loops_stop(kms_api_server *s)
+{
+    for (unsigned i = 0; i < s->loop_count; i++) {
+        api_loop *l = &s->loops[i];
+        if (l->started) {
+            atomic_store(&l->stop, true);
+            loop_wake(l);
+            pthread_join(l->thread, NULL);
+            l->started = false;
+        }
+    }
+    for (unsigned i = 0; i < s->loop_count; i++) {
+        api_loop *l = &s->loops[i];
+        for (size_t j = 0; j < l->nd; j++) {
+            MHD_stop_daemon(l->d[j]);
+            l->d[j] = NULL;
+        }
+        l->nd = 0;
+    }
+}
+
 /* TLS 1.2 and 1.3 only (api-routes.md); GnuTLS's NORMAL cipher suites. */
 #define KMS_TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2:%SERVER_PRECEDENCE"
 
@@ -2126,6 +2366,7 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
     pthread_mutex_init(&s->ready_mu, NULL);
     pthread_mutex_init(&s->bq_mu, NULL);
     pthread_cond_init(&s->bq_cv, NULL);
+    pthread_mutex_init(&s->ip_mu, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -2153,31 +2394,72 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
         s->bq_n++;
     }
 
-    for (size_t i = 0; i < n; i++) {
-        unsigned flags = MHD_USE_TLS | MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL |
-                         MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
-        struct MHD_OptionItem opts[] = {
-            {MHD_OPTION_LISTEN_SOCKET, fds[i], NULL},
-            {MHD_OPTION_HTTPS_CERT_CALLBACK, 0, (void *)kms_api_tls_cert_retrieve},
-            {MHD_OPTION_HTTPS_MEM_TRUST, 0, s->ca_pem},
-            {MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)KMS_TLS_PRIORITIES},
-            {MHD_OPTION_CONNECTION_TIMEOUT, (intptr_t)cfg->connection_timeout_s, NULL},
-            {MHD_OPTION_CONNECTION_LIMIT, (intptr_t)cfg->connection_limit, NULL},
-            {MHD_OPTION_PER_IP_CONNECTION_LIMIT, (intptr_t)cfg->per_ip_connection_limit, NULL},
-            {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, NULL},
-            {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, s},
-            {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_log, NULL},
-            {MHD_OPTION_THREAD_POOL_SIZE, (intptr_t)(threads > 1 ? threads : 0), NULL},
-            {MHD_OPTION_END, 0, NULL},
-        };
-        s->daemons[i] = MHD_start_daemon(flags, 0, on_accept, s, on_request, s, MHD_OPTION_ARRAY,
-                                         opts, MHD_OPTION_END);
-        if (s->daemons[i] == NULL) {
-            res = kms_error_raisef(KMS_ERR_IO, __FILE__, __LINE__,
-                                   "libmicrohttpd did not start on listener %zu", i);
+    /* Server threads: each runs one daemon per listening socket in a loop
+     * of its own (loop_main). connection_limit is shared out among them
+     * as libmicrohttpd's own thread pool does; the listening sockets are
+     * shared, and a thread whose daemon is at its share stops accepting. */
+    unsigned nl = threads > 1 ? threads : 1;
+    s->loops = calloc(nl, sizeof(*s->loops));
+    if (s->loops == NULL) {
+        res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
+        goto fail;
+    }
+    for (unsigned t = 0; t < nl; t++) {
+        api_loop *l = &s->loops[t];
+        l->s = s;
+        l->aw = kms_audit_writer_new(k);
+        l->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        s->loop_count++;
+        if (l->wake_fd < 0) {
+            res = kms_error_raisef(KMS_ERR_IO, __FILE__, __LINE__, "eventfd: %s", strerror(errno));
             goto fail;
         }
-        s->daemon_count++;
+        unsigned share = cfg->connection_limit / nl + (t < cfg->connection_limit % nl ? 1 : 0);
+        share = share > 0 ? share : 1;
+        for (size_t i = 0; i < n; i++) {
+            /* Each daemon closes its listening socket when stopped: the
+             * first thread's daemons take the sockets given, the others a
+             * duplicate each (one socket, one open file, its own fd). */
+            int fd = t == 0 ? fds[i] : fcntl(fds[i], F_DUPFD_CLOEXEC, 0);
+            if (fd < 0) {
+                res = kms_error_raisef(KMS_ERR_IO, __FILE__, __LINE__,
+                                       "duplicating listener %zu: %s", i, strerror(errno));
+                goto fail;
+            }
+            unsigned flags =
+                MHD_USE_TLS | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG;
+            struct MHD_OptionItem opts[] = {
+                {MHD_OPTION_LISTEN_SOCKET, fd, NULL},
+                {MHD_OPTION_HTTPS_CERT_CALLBACK, 0, (void *)kms_api_tls_cert_retrieve},
+                {MHD_OPTION_HTTPS_MEM_TRUST, 0, s->ca_pem},
+                {MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)KMS_TLS_PRIORITIES},
+                {MHD_OPTION_CONNECTION_TIMEOUT, (intptr_t)cfg->connection_timeout_s, NULL},
+                {MHD_OPTION_CONNECTION_LIMIT, (intptr_t)share, NULL},
+                {MHD_OPTION_NOTIFY_CONNECTION, (intptr_t)on_connection, l},
+                {MHD_OPTION_NOTIFY_COMPLETED, (intptr_t)on_completed, s},
+                {MHD_OPTION_EXTERNAL_LOGGER, (intptr_t)mhd_log, NULL},
+                {MHD_OPTION_END, 0, NULL},
+            };
+            l->d[i] = MHD_start_daemon(flags, 0, on_accept, s, on_request, s, MHD_OPTION_ARRAY,
+                                       opts, MHD_OPTION_END);
+            if (l->d[i] == NULL) {
+                if (t != 0) {
+                    close(fd);
+                }
+                res = kms_error_raisef(KMS_ERR_IO, __FILE__, __LINE__,
+                                       "libmicrohttpd did not start on listener %zu", i);
+                goto fail;
+            }
+            l->nd++;
+        }
+    }
+    for (unsigned t = 0; t < nl; t++) {
+        api_loop *l = &s->loops[t];
+        if (pthread_create(&l->thread, NULL, loop_main, l) != 0) {
+            res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
+            goto fail;
+        }
+        l->started = true;
     }
     *out = s;
     return KMS_OK_RESULT;
@@ -2268,11 +2550,7 @@ void kms_api_server_shutdown(kms_api_server *s)
     }
     held_drain(s);
     batch_threads_stop(s);
-    for (size_t i = 0; i < s->daemon_count; i++) {
-        MHD_stop_daemon(s->daemons[i]);
-        s->daemons[i] = NULL;
-    }
-    s->daemon_count = 0;
+    loops_stop(s);
 }
 
 void kms_api_server_free(kms_api_server *s)
@@ -2282,9 +2560,16 @@ void kms_api_server_free(kms_api_server *s)
     }
     held_drain(s);
     batch_threads_stop(s);
-    for (size_t i = 0; i < s->daemon_count; i++) {
-        MHD_stop_daemon(s->daemons[i]);
+    loops_stop(s);
+    for (unsigned i = 0; i < s->loop_count; i++) {
+        if (s->loops[i].wake_fd >= 0) {
+            close(s->loops[i].wake_fd);
+        }
+        kms_audit_writer_free(s->loops[i].aw);
     }
+    free(s->loops);
+    free(s->ips);
+    pthread_mutex_destroy(&s->ip_mu);
     if (s->prober_started) {
         pthread_mutex_lock(&s->ready_mu);
         s->prober_stop = true;

@@ -57,7 +57,8 @@ static const char audit_head_prefix[] = "audit.head.";
 
 typedef struct audit_waiter {
     kms_audit_record *rec;
-    kms_audit_done_fn done; /* called once, on the committer thread */
+    kms_audit_done_fn done; /* called once, on the syncer thread (or on the writer's, if the
+                               write fails) */
     void *arg;
     struct audit_waiter *next;
 } audit_waiter;
@@ -69,6 +70,13 @@ struct kms_audit {
     pthread_mutex_t mu;
     pthread_cond_t work; /* committer waits: queue non-empty or stop */
     audit_waiter *head, *tail;
+    /* Written into the journal, waiting for the syncer's next sync (any
+     * order: one sync covers every record written before it starts). */
+    audit_waiter *written;
+    pthread_cond_t sync_cv; /* syncer waits: written non-empty or sync_stop */
+    bool sync_stop;
+    pthread_t syncer;
+    bool syncer_started;
     /* Group-commit hint: requests announced (kms_audit_announce) whose
      * record is not queued yet, and whether the committer is waiting for
      * them. */
@@ -90,14 +98,14 @@ struct kms_audit {
     pthread_t ingester;
     bool ingester_started;
 
-    /* Committer-thread state (no lock). */
+    /* Syncer-thread state (no lock). */
     uint64_t unsigned_records;
     int64_t last_signed;
     int64_t last_pruned;
-    /* What the committer did: records written and appends (each one
-     * journal sync), and what the ingests moved; logged at stop, so that
+    /* What the writers and the syncer did: records written, journal
+     * writes, syncs, and what the ingests moved; logged at stop, so that
      * group sizes can be read off a run. */
-    uint64_t n_records, n_commits;
+    _Atomic uint64_t n_records, n_commits, n_syncs;
     _Atomic uint64_t n_ingests, n_ingested;
     /* Serialises signing and pruning of this process. */
     pthread_mutex_t sign_mu;
@@ -804,17 +812,15 @@ static KMS_RESULT audit_append_locked(kms *k, audit_batch *b)
     return kms_journal_write(j, &b->frames, seq, hash);
 }
 
-/* The batch durable in the journal: written under the append lock, then
- * one fdatasync outside it, which also covers whatever other processes
- * appended meanwhile. */
-static KMS_RESULT audit_append(kms *k, audit_batch *b)
+/* Writes the batch into the journal under the append lock. Not yet
+ * durable: the syncer's next sync makes it so. */
+static KMS_RESULT audit_write(kms *k, audit_batch *b)
 {
     kms_journal *j = k->audit->journal;
     KMS_GUARD(kms_journal_lock(j));
     kms_result r = audit_append_locked(k, b);
     kms_journal_unlock(j);
-    KMS_GUARD(r);
-    return kms_journal_sync(j);
+    return r;
 }
 
 static void audit_maybe_sign(kms *k, size_t written)
@@ -886,6 +892,55 @@ static void audit_release(audit_waiter *list, kms_err res)
     }
 }
 
+/* Tells every waiter of a list its result, from the syncer. */
+static void audit_release_synced(kms *k, audit_waiter *list, size_t n, kms_err res)
+{
+    audit_release(list, res);
+    if (res == KMS_OK)
+        audit_maybe_sign(k, n);
+}
+
+/* Takes up to batch_max queued records and writes them into the journal,
+ * on the calling thread; they go to the syncer, which calls their waiters
+ * back once they are durable. A failed write is told to its waiters at
+ * once. Called by the committer and by server threads at the end of their
+ * pass (kms_audit_write_queued). */
+static void audit_write_queued(kms *k, audit_batch *b)
+{
+    struct kms_audit *a = k->audit;
+    audit_batch_take(b);
+    if (b->count == 0)
+        return;
+    kms_result r = audit_write(k, b);
+    if (kms_is_ok(r)) {
+        audit_waiter *last = b->list;
+        while (last->next != NULL)
+            last = last->next;
+        pthread_mutex_lock(&a->mu);
+        bool idle = a->written == NULL;
+        last->next = a->written;
+        a->written = b->list;
+        if (idle)
+            pthread_cond_signal(&a->sync_cv);
+        pthread_mutex_unlock(&a->mu);
+        atomic_fetch_add_explicit(&a->n_commits, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&a->n_records, b->count, memory_order_relaxed);
+    } else {
+        /* Visible to kms_audit_ready before any waiter learns of it. */
+        pthread_mutex_lock(&a->mu);
+        a->failed = true;
+        pthread_mutex_unlock(&a->mu);
+        fprintf(stderr, "kmsd: audit: writing %zu record(s) failed: %s (%s)\n", b->count,
+                kms_error_code(r.err), kms_error_detail());
+        audit_release(b->list, KMS_ERR_AUDIT_UNAVAILABLE);
+    }
+    b->list = NULL;
+    b->count = 0;
+}
+
+/* The committer writes the records queued by threads that do not write
+ * their own (kms_audit_submit): after a gather, so that concurrent
+ * requests share one write and one sync. */
 static void *audit_committer(void *argp)
 {
     kms *k = argp;
@@ -895,32 +950,15 @@ static void *audit_committer(void *argp)
     kms_buf_init(&b.frames, 0);
     pthread_mutex_lock(&a->mu);
     for (;;) {
-        while (a->head == NULL && !a->stopping) {
-            struct timespec ts = audit_deadline(AUDIT_PROBE_EVERY_MS * 1000000L);
-            int rc = pthread_cond_timedwait(&a->work, &a->mu, &ts);
-            if (rc == ETIMEDOUT) {
-                bool failed = a->failed;
-                pthread_mutex_unlock(&a->mu);
-                if (failed) {
-                    /* Recovery: the journal takes a sync again. */
-                    kms_result pr = kms_journal_sync(a->journal);
-                    pthread_mutex_lock(&a->mu);
-                    if (kms_is_ok(pr))
-                        a->failed = false;
-                } else {
-                    audit_maybe_sign(k, 0);
-                    audit_maybe_prune(k);
-                    pthread_mutex_lock(&a->mu);
-                }
-            }
-        }
+        while (a->head == NULL && !a->stopping)
+            pthread_cond_wait(&a->work, &a->mu);
         if (a->head == NULL && a->stopping)
             break;
         /* Gather: requests announced as being processed will queue their
          * records within microseconds. Waiting for them, at most about as
-         * long as one append takes, lets them share this append and its
-         * sync instead of each paying for one of their own; with nothing
-         * announced (one client, idle service) the append starts at once. */
+         * long as one sync takes, lets them share this write and its sync
+         * instead of each paying for one of their own; with nothing
+         * announced (one client, idle service) the write starts at once. */
         if (a->outstanding > 0 && a->last_commit_ns > 0 && !a->stopping) {
             long wait = a->last_commit_ns < AUDIT_GATHER_MAX_NS ? (long)a->last_commit_ns
                                                                 : AUDIT_GATHER_MAX_NS;
@@ -933,43 +971,89 @@ static void *audit_committer(void *argp)
             a->gathering = false;
         }
         pthread_mutex_unlock(&a->mu);
-
-        audit_batch_take(&b);
-        struct timespec t0, t1;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
-        kms_result r = audit_append(k, &b);
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
-        /* A failure is visible to kms_audit_ready before any waiter
-         * learns of it. */
-        pthread_mutex_lock(&a->mu);
-        a->failed = !kms_is_ok(r);
-        a->last_commit_ns = took;
-        if (kms_is_ok(r)) {
-            /* Woken only from idle: while it waits out its interval the
-             * ingester needs no signal per append (a context switch each). */
-            if (a->to_ingest == 0 && a->ingester_idle)
-                pthread_cond_signal(&a->ingest_cv);
-            a->to_ingest += b.count;
-        }
-        pthread_mutex_unlock(&a->mu);
-        if (kms_is_ok(r)) {
-            a->n_commits++;
-            a->n_records += b.count;
-            audit_release(b.list, KMS_OK);
-            audit_maybe_sign(k, b.count);
-        } else {
-            fprintf(stderr, "kmsd: audit: writing %zu record(s) failed: %s (%s)\n", b.count,
-                    kms_error_code(r.err), kms_error_detail());
-            audit_release(b.list, KMS_ERR_AUDIT_UNAVAILABLE);
-        }
-        b.list = NULL;
-        b.count = 0;
+        audit_write_queued(k, &b);
         pthread_mutex_lock(&a->mu);
     }
     pthread_mutex_unlock(&a->mu);
     kms_buf_free(&b.frames);
     kms_buf_free(&b.scratch);
+    return NULL;
+}
+
+/* The syncer: one fdatasync covers every record written before it starts;
+ * their waiters are called back after it. The only thread of the process
+ * that syncs the journal, so that a write-back error is reported to the
+ * sync that covers it: on a failure every record written so far is
+ * refused (an error seen by one sync is not seen again by the next), and
+ * requests are refused until a sync succeeds again. In idle time: the
+ * retry of a failed sync, head signing and retention. */
+static void *audit_syncer(void *argp)
+{
+    kms *k = argp;
+    struct kms_audit *a = k->audit;
+    pthread_mutex_lock(&a->mu);
+    for (;;) {
+        while (a->written == NULL && !a->sync_stop) {
+            struct timespec ts = audit_deadline(AUDIT_PROBE_EVERY_MS * 1000000L);
+            if (pthread_cond_timedwait(&a->sync_cv, &a->mu, &ts) != ETIMEDOUT)
+                continue;
+            bool failed = a->failed;
+            pthread_mutex_unlock(&a->mu);
+            if (failed) {
+                /* Recovery: the journal takes a sync again. */
+                kms_result pr = kms_journal_sync(a->journal);
+                pthread_mutex_lock(&a->mu);
+                if (kms_is_ok(pr))
+                    a->failed = false;
+            } else {
+                audit_maybe_sign(k, 0);
+                audit_maybe_prune(k);
+                pthread_mutex_lock(&a->mu);
+            }
+        }
+        if (a->written == NULL && a->sync_stop)
+            break;
+        audit_waiter *list = a->written;
+        a->written = NULL;
+        pthread_mutex_unlock(&a->mu);
+
+        size_t n = 0;
+        for (audit_waiter *w = list; w != NULL; w = w->next)
+            n++;
+        struct timespec t0, t1;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        kms_result r = kms_journal_sync(a->journal);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+        atomic_fetch_add_explicit(&a->n_syncs, 1, memory_order_relaxed);
+
+        pthread_mutex_lock(&a->mu);
+        a->last_commit_ns = took;
+        if (kms_is_ok(r)) {
+            /* A failure is cleared only by a sync that succeeds. */
+            a->failed = false;
+            /* Woken only from idle: while it waits out its interval the
+             * ingester needs no signal per sync (a context switch each). */
+            if (a->to_ingest == 0 && a->ingester_idle)
+                pthread_cond_signal(&a->ingest_cv);
+            a->to_ingest += n;
+            pthread_mutex_unlock(&a->mu);
+            audit_release_synced(k, list, n, KMS_OK);
+        } else {
+            /* Records written while the failing sync ran may have lost
+             * their pages with it: refused as well. */
+            a->failed = true;
+            audit_waiter *more = a->written;
+            a->written = NULL;
+            pthread_mutex_unlock(&a->mu);
+            fprintf(stderr, "kmsd: audit: syncing %zu record(s) failed: %s (%s)\n", n,
+                    kms_error_code(r.err), kms_error_detail());
+            audit_release(list, KMS_ERR_AUDIT_UNAVAILABLE);
+            audit_release(more, KMS_ERR_AUDIT_UNAVAILABLE);
+        }
+        pthread_mutex_lock(&a->mu);
+    }
+    pthread_mutex_unlock(&a->mu);
     return NULL;
 }
 
@@ -1024,8 +1108,8 @@ static void audit_copy(char *dst, size_t cap, const char *src)
     dst[n] = 0;
 }
 
-KMS_RESULT kms_audit_submit(kms *k, kms_audit_record *r, bool announced, kms_audit_done_fn done,
-                            void *arg)
+static KMS_RESULT audit_submit(kms *k, kms_audit_record *r, bool announced, kms_audit_done_fn done,
+                               void *arg, bool wake)
 {
     KMS_ENSURE(k != NULL && r != NULL && done != NULL, KMS_ERR_INVALID_ARGUMENT);
     struct kms_audit *a = k->audit;
@@ -1065,10 +1149,66 @@ KMS_RESULT kms_audit_submit(kms *k, kms_audit_record *r, bool announced, kms_aud
     a->tail = w;
     /* The committer sleeps on an empty queue, or gathers until the last
      * announced record arrives: one signal per batch either way. */
-    if (idle || (a->gathering && a->outstanding == 0))
+    if ((wake && idle) || (a->gathering && a->outstanding == 0))
         pthread_cond_signal(&a->work);
     pthread_mutex_unlock(&a->mu);
     return KMS_OK_RESULT;
+}
+
+KMS_RESULT kms_audit_submit(kms *k, kms_audit_record *r, bool announced, kms_audit_done_fn done,
+                            void *arg)
+{
+    return audit_submit(k, r, announced, done, arg, true);
+}
+
+KMS_RESULT kms_audit_queue(kms *k, kms_audit_record *r, bool announced, kms_audit_done_fn done,
+                           void *arg)
+{
+    return audit_submit(k, r, announced, done, arg, false);
+}
+
+struct kms_audit_writer {
+    kms *k;
+    audit_batch b;
+};
+
+kms_audit_writer *kms_audit_writer_new(kms *k)
+{
+    if (k == NULL || k->audit == NULL || !k->audit->cfg.enabled)
+        return NULL;
+    kms_audit_writer *w = calloc(1, sizeof(*w));
+    if (w == NULL)
+        return NULL;
+    w->k = k;
+    w->b.a = k->audit;
+    kms_buf_init(&w->b.scratch, 2 * KMS_AUDIT_RECORD_MAX_BYTES);
+    kms_buf_init(&w->b.frames, 0);
+    return w;
+}
+
+void kms_audit_writer_free(kms_audit_writer *w)
+{
+    if (w == NULL)
+        return;
+    kms_buf_free(&w->b.frames);
+    kms_buf_free(&w->b.scratch);
+    free(w);
+}
+
+void kms_audit_write_queued(kms_audit_writer *w)
+{
+    struct kms_audit *a = w->k->audit;
+    pthread_mutex_lock(&a->mu);
+    bool any = a->head != NULL;
+    pthread_mutex_unlock(&a->mu);
+    if (!any)
+        return;
+    audit_write_queued(w->k, &w->b);
+    /* More than one batch was queued: the committer takes the rest. */
+    pthread_mutex_lock(&a->mu);
+    if (a->head != NULL)
+        pthread_cond_signal(&a->work);
+    pthread_mutex_unlock(&a->mu);
 }
 
 void kms_audit_announce(kms *k)
@@ -1200,6 +1340,7 @@ KMS_RESULT kms_audit_start(kms *k, const kms_audit_config *cfg)
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&a->work, &ca);
+    pthread_cond_init(&a->sync_cv, &ca);
     pthread_cond_init(&a->ingest_cv, &ca);
     pthread_condattr_destroy(&ca);
     a->last_signed = kms_now(k);
@@ -1218,6 +1359,11 @@ KMS_RESULT kms_audit_start(kms *k, const kms_audit_config *cfg)
         KMS_BAIL_MSG(KMS_ERR_INTERNAL, "audit ingester thread: %s", strerror(errno));
     }
     a->ingester_started = true;
+    if (pthread_create(&a->syncer, NULL, audit_syncer, k) != 0) {
+        kms_audit_stop(k);
+        KMS_BAIL_MSG(KMS_ERR_INTERNAL, "audit syncer thread: %s", strerror(errno));
+    }
+    a->syncer_started = true;
     if (pthread_create(&a->thread, NULL, audit_committer, k) != 0) {
         kms_audit_stop(k);
         KMS_BAIL_MSG(KMS_ERR_INTERNAL, "audit committer thread: %s", strerror(errno));
@@ -1237,6 +1383,13 @@ void kms_audit_stop(kms *k)
     pthread_mutex_unlock(&a->mu);
     if (a->thread_started)
         pthread_join(a->thread, NULL);
+    /* Then the syncer, once it has synced what the committer wrote last. */
+    pthread_mutex_lock(&a->mu);
+    a->sync_stop = true;
+    pthread_cond_signal(&a->sync_cv);
+    pthread_mutex_unlock(&a->mu);
+    if (a->syncer_started)
+        pthread_join(a->syncer, NULL);
     pthread_mutex_lock(&a->mu);
     a->ingest_stop = true;
     pthread_cond_signal(&a->ingest_cv);
@@ -1253,12 +1406,14 @@ void kms_audit_stop(kms *k)
                     "start moves them\n",
                     kms_error_code(r.err), kms_error_detail());
     }
-    if (a->n_commits > 0)
+    uint64_t n_commits = atomic_load(&a->n_commits), n_syncs = atomic_load(&a->n_syncs);
+    if (n_commits > 0)
         fprintf(stderr,
-                "kmsd: audit: %llu records in %llu journal writes (%.1f per write); %llu "
-                "records moved into the store in %llu ingests\n",
-                (unsigned long long)a->n_records, (unsigned long long)a->n_commits,
-                (double)a->n_records / (double)a->n_commits,
+                "kmsd: audit: %llu records in %llu journal writes (%.1f per write) and %llu "
+                "syncs (%.1f per sync); %llu records moved into the store in %llu ingests\n",
+                (unsigned long long)atomic_load(&a->n_records), (unsigned long long)n_commits,
+                (double)atomic_load(&a->n_records) / (double)n_commits, (unsigned long long)n_syncs,
+                n_syncs > 0 ? (double)atomic_load(&a->n_records) / (double)n_syncs : 0.0,
                 (unsigned long long)atomic_load(&a->n_ingested),
                 (unsigned long long)atomic_load(&a->n_ingests));
     /* A last signed head, so that a clean shutdown leaves the whole chain
@@ -1269,6 +1424,7 @@ void kms_audit_stop(kms *k)
     }
     kms_journal_close(a->journal);
     pthread_cond_destroy(&a->ingest_cv);
+    pthread_cond_destroy(&a->sync_cv);
     pthread_cond_destroy(&a->work);
     pthread_mutex_destroy(&a->sign_mu);
     pthread_mutex_destroy(&a->mu);

@@ -104,10 +104,11 @@ KMS_RESULT kms_audit_append(kms *k, kms_audit_record *r);
  * announcement ends when the record is queued. */
 KMS_RESULT kms_audit_append_announced(kms *k, kms_audit_record *r, bool announced);
 
-/* Called exactly once, on the audit's committer thread, when the record
- * submitted with it is durable (res KMS_OK) or could not be written
- * (KMS_ERR_AUDIT_UNAVAILABLE). It must be quick and must not block or call
- * into the audit. */
+/* Called exactly once when the record submitted with it is durable (res
+ * KMS_OK, on the audit's syncer thread) or could not be written
+ * (KMS_ERR_AUDIT_UNAVAILABLE, on the syncer's thread or on the thread that
+ * tried the write). It must be quick and must not block or call into the
+ * audit. */
 typedef void (*kms_audit_done_fn)(void *arg, kms_err res);
 
 /* The asynchronous form of kms_audit_append, for callers that must not
@@ -121,6 +122,22 @@ typedef void (*kms_audit_done_fn)(void *arg, kms_err res);
  * kms_audit_enabled first). */
 KMS_RESULT kms_audit_submit(kms *k, kms_audit_record *r, bool announced, kms_audit_done_fn done,
                             void *arg);
+
+/* For a thread that writes records itself (kmsd's server threads, once per
+ * pass of their event loop): kms_audit_queue is kms_audit_submit without
+ * waking the committer, and kms_audit_write_queued writes every queued
+ * record into the journal on the calling thread (the syncer then makes
+ * them durable and calls done). A pass that queued a record must end with
+ * kms_audit_write_queued, or the record waits until another writer takes
+ * it. The writer holds that thread's buffers; kms_audit_writer_new
+ * returns NULL when the audit is off or memory is short (then use
+ * kms_audit_submit). */
+typedef struct kms_audit_writer kms_audit_writer;
+KMS_RESULT kms_audit_queue(kms *k, kms_audit_record *r, bool announced, kms_audit_done_fn done,
+                           void *arg);
+kms_audit_writer *kms_audit_writer_new(kms *k);
+void kms_audit_write_queued(kms_audit_writer *w);
+void kms_audit_writer_free(kms_audit_writer *w);
 
 /* Group-commit hint. A caller that will produce a record soon (kmsd: a
  * request has arrived) announces it; before each commit the committer

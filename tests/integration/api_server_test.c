@@ -1090,6 +1090,84 @@ static void test_batch_own_thread(void **state)
     kms_fault_disarm();
 }
 
+/* Answers are resumed on other threads than the one serving their
+ * connection: an audited answer by the audit's syncer, a batch's by a batch
+ * thread and then the syncer. Each must wake the server thread's loop,
+ * which otherwise sleeps until its next deadline (1 s when idle): twenty
+ * such answers in a row would take twenty seconds or more. */
+static void test_resumed_answers_wake_their_thread(void **state)
+{
+    (void)state;
+    assert_int_equal(api_fixture_start(&F, "workers = threads:4\n"), 0);
+    double t0 = now_s();
+    for (int i = 0; i < 20; i++) {
+        if (i % 4 == 3) {
+            api_resp r;
+            api_call(&F, "app", "POST", "/v1/keys/app-1/batch/wrap",
+                     "{\"items\":[{\"plaintext\":\"AAECAwQFBgcICQoLDA0ODw==\"}]}", &r);
+            expect_status(&r, 200, NULL);
+            api_resp_free(&r);
+        } else {
+            call_expect("app", "GET", "/healthz", NULL, 200, NULL);
+        }
+    }
+    double took = now_s() - t0;
+    print_message("20 answers resumed from other threads in %.2f s\n", took);
+    assert_true(took < 10.0);
+}
+
+/* per_ip_connection_limit counts the process's connections on every
+ * server thread (each thread's libmicrohttpd daemon sees only its own). */
+static int raw_connect(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET,
+                            .sin_port = htons((uint16_t)F.port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_true(fd >= 0);
+    assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    return fd;
+}
+
+static bool healthz_answered(void)
+{
+    api_resp r;
+    api_call(&F, "app", "GET", "/healthz", NULL, &r);
+    bool ok = r.status == 200;
+    api_resp_free(&r);
+    return ok;
+}
+
+static void test_per_ip_limit_across_threads(void **state)
+{
+    (void)state;
+    assert_int_equal(api_fixture_start(&F, "workers = threads:4\nper_ip_connection_limit = 2\n"),
+                     0);
+    int a = raw_connect();
+    int b = raw_connect();
+    /* Once both are counted a third connection is closed as it is
+     * accepted (connection_timeout = 3 closes a and b later). */
+    bool refused = false;
+    for (int i = 0; i < 50 && !refused; i++) {
+        refused = !healthz_answered();
+        if (!refused) {
+            sleep_ms(20);
+        }
+    }
+    assert_true(refused);
+    assert_true(log_contains("per_ip_connection_limit (2) reached"));
+    close(a);
+    bool answered = false;
+    for (int i = 0; i < 100 && !answered; i++) {
+        answered = healthz_answered();
+        if (!answered) {
+            sleep_ms(20);
+        }
+    }
+    close(b);
+    assert_true(answered);
+}
+
 /* Whether pid is a live (non-zombie) process. */
 static bool alive(int pid)
 {
@@ -1255,6 +1333,8 @@ int main(void)
         cmocka_unit_test(test_processes_mode),
         cmocka_unit_test(test_supervisor_killed),
         cmocka_unit_test(test_batch_own_thread),
+        cmocka_unit_test(test_resumed_answers_wake_their_thread),
+        cmocka_unit_test(test_per_ip_limit_across_threads),
         cmocka_unit_test(test_bench),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
