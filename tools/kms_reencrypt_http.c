@@ -195,10 +195,12 @@ static bool curl_transient(CURLcode rc, const char *detail)
     switch (rc) {
     case CURLE_SSL_CONNECT_ERROR:
         /* A handshake cut by a server going down or coming up (reset,
-         * EOF) is transient; a refused certificate is not. */
+         * EOF, or a broken pipe: a stopping kmsd closes a connection it
+         * has just accepted, and the client's next write after the reset
+         * fails with EPIPE) is transient; a refused certificate is not. */
         return strstr(detail, "reset by peer") != NULL || strstr(detail, "SYSCALL") != NULL ||
                strstr(detail, "unexpected eof") != NULL || strstr(detail, "EOF") != NULL ||
-               strstr(detail, "refused") != NULL;
+               strstr(detail, "refused") != NULL || strstr(detail, "Broken pipe") != NULL;
     case CURLE_COULDNT_CONNECT:
     case CURLE_OPERATION_TIMEDOUT:
     case CURLE_GOT_NOTHING:
