@@ -70,9 +70,10 @@ struct kms_audit {
     pthread_mutex_t mu;
     pthread_cond_t work; /* committer waits: queue non-empty or stop */
     audit_waiter *head, *tail;
-    /* Written into the journal, waiting for the syncer's next sync (any
-     * order: one sync covers every record written before it starts). */
-    audit_waiter *written;
+    /* Written into the journal, waiting for the syncer's next sync, in the
+     * order written (so in sequence order): one sync covers every record
+     * written before it starts. */
+    audit_waiter *written, *written_tail;
     pthread_cond_t sync_cv; /* syncer waits: written non-empty or sync_stop */
     bool sync_stop;
     pthread_t syncer;
@@ -812,13 +813,31 @@ static KMS_RESULT audit_append_locked(kms *k, audit_batch *b)
     return kms_journal_write(j, &b->frames, seq, hash);
 }
 
-/* Writes the batch into the journal under the append lock. Not yet
- * durable: the syncer's next sync makes it so. */
+/* Writes the batch into the journal under the append lock and hands it
+ * to the syncer, still under the lock so that the syncer's list keeps the
+ * order of the writes (waiters are called back in sequence order). Not
+ * yet durable: the syncer's next sync makes it so. */
 static KMS_RESULT audit_write(kms *k, audit_batch *b)
 {
-    kms_journal *j = k->audit->journal;
+    struct kms_audit *a = k->audit;
+    kms_journal *j = a->journal;
     KMS_GUARD(kms_journal_lock(j));
     kms_result r = audit_append_locked(k, b);
+    if (kms_is_ok(r)) {
+        audit_waiter *last = b->list;
+        while (last->next != NULL)
+            last = last->next;
+        pthread_mutex_lock(&a->mu);
+        bool idle = a->written == NULL;
+        if (a->written_tail != NULL)
+            a->written_tail->next = b->list;
+        else
+            a->written = b->list;
+        a->written_tail = last;
+        if (idle)
+            pthread_cond_signal(&a->sync_cv);
+        pthread_mutex_unlock(&a->mu);
+    }
     kms_journal_unlock(j);
     return r;
 }
@@ -913,16 +932,6 @@ static void audit_write_queued(kms *k, audit_batch *b)
         return;
     kms_result r = audit_write(k, b);
     if (kms_is_ok(r)) {
-        audit_waiter *last = b->list;
-        while (last->next != NULL)
-            last = last->next;
-        pthread_mutex_lock(&a->mu);
-        bool idle = a->written == NULL;
-        last->next = a->written;
-        a->written = b->list;
-        if (idle)
-            pthread_cond_signal(&a->sync_cv);
-        pthread_mutex_unlock(&a->mu);
         atomic_fetch_add_explicit(&a->n_commits, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&a->n_records, b->count, memory_order_relaxed);
     } else {
@@ -1014,7 +1023,7 @@ static void *audit_syncer(void *argp)
         if (a->written == NULL && a->sync_stop)
             break;
         audit_waiter *list = a->written;
-        a->written = NULL;
+        a->written = a->written_tail = NULL;
         pthread_mutex_unlock(&a->mu);
 
         size_t n = 0;
@@ -1044,7 +1053,7 @@ static void *audit_syncer(void *argp)
              * their pages with it: refused as well. */
             a->failed = true;
             audit_waiter *more = a->written;
-            a->written = NULL;
+            a->written = a->written_tail = NULL;
             pthread_mutex_unlock(&a->mu);
             fprintf(stderr, "kmsd: audit: syncing %zu record(s) failed: %s (%s)\n", n,
                     kms_error_code(r.err), kms_error_detail());
