@@ -2399,6 +2399,9 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
      * as libmicrohttpd's own thread pool does; the listening sockets are
      * shared, and a thread whose daemon is at its share stops accepting. */
     unsigned nl = threads > 1 ? threads : 1;
+    /* No more threads than connections: each thread's share is at least
+     * one. */
+    nl = nl < cfg->connection_limit ? nl : (cfg->connection_limit > 0 ? cfg->connection_limit : 1);
     s->loops = calloc(nl, sizeof(*s->loops));
     if (s->loops == NULL) {
         res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);
@@ -2415,7 +2418,6 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
             goto fail;
         }
         unsigned share = cfg->connection_limit / nl + (t < cfg->connection_limit % nl ? 1 : 0);
-        share = share > 0 ? share : 1;
         for (size_t i = 0; i < n; i++) {
             /* Each daemon closes its listening socket when stopped: the
              * first thread's daemons take the sockets given, the others a
