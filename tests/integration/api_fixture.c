@@ -90,6 +90,11 @@ int api_fixture_start(api_fixture *f, const char *extra_conf)
         fprintf(stderr, "KMS_SOURCE_DIR / KMS_BUILD_DIR not set (run under ctest)\n");
         return -1;
     }
+    /* A test that restarts kmsd with other settings stops the one running
+     * first: no kmsd outlives the test that started it. */
+    if (f->pid > 0) {
+        (void)api_fixture_stop(f, SIGTERM);
+    }
     if (f->dir[0] == '\0') {
         if (kms_test_token_setup(&f->tok, f->fault) != 0) {
             return -1;
