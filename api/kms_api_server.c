@@ -495,10 +495,10 @@ static void conn_resume(struct MHD_Connection *conn, api_loop *l)
     loop_wake(l);
 }
 
-/* On the audit's committer thread: the record of a held answer is durable
- * (or failed). rq belongs to the suspended connection, which no other
- * thread touches until it is resumed; after MHD_resume_connection rq may
- * be gone at any moment. */
+/* On the audit's syncer thread (or the writer's, if the write failed): the
+ * record of a held answer is durable (or failed). rq belongs to the suspended connection, which no
+ * other thread touches until it is resumed; after MHD_resume_connection rq may be gone at any
+ * moment. */
 static void audit_committed(void *arg, kms_err res)
 {
     req_ctx *rq = arg;
@@ -535,8 +535,8 @@ static enum MHD_Result send_held(req_ctx *rq, struct MHD_Connection *conn)
 }
 
 /* Holds r for rq's connection, already suspended and counted in s->held,
- * and queues the answer's record; the committer resumes the connection
- * once the record is durable (audit_committed), or this does at once if
+ * and queues the answer's record; the audit resumes the connection once
+ * the record is durable (audit_committed), or this does at once if
  * the record cannot be queued (send_held then refuses). rq is not touched
  * after the queueing or the resume: the connection's thread may free it
  * from then on. */
@@ -553,12 +553,12 @@ static enum MHD_Result hold_for_record(req_ctx *rq, const kms_api_audit_event *e
     /* On a server thread the record is written by the thread itself at
      * the end of its pass, with the pass's other records, and only the
      * sync is left to another thread: no hand-off to the committer. */
-    api_loop *l = tl_loop;
-    kms_result ar = l != NULL && l->aw != NULL
+    api_loop *own = tl_loop != NULL && tl_loop->aw != NULL ? tl_loop : NULL;
+    kms_result ar = own != NULL
                         ? kms_audit_queue(s->k, &rq->au_rec, e->announced, audit_committed, rq)
                         : kms_audit_submit(s->k, &rq->au_rec, e->announced, audit_committed, rq);
-    if (l != NULL && l->aw != NULL && kms_is_ok(ar)) {
-        l->queued = true;
+    if (own != NULL && kms_is_ok(ar)) {
+        own->queued = true;
     }
     if (!kms_is_ok(ar)) {
         atomic_store(&rq->au_outcome, 1 + (int)KMS_ERR_AUDIT_UNAVAILABLE);
@@ -1859,15 +1859,9 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
             cc->loop = l;
             const union MHD_ConnectionInfo *ci =
                 MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CLIENT_ADDRESS);
-            const struct sockaddr *sa = ci != NULL ? ci->client_addr : NULL;
-            if (sa != NULL && sa->sa_family == AF_INET) {
-                inet_ntop(AF_INET, &((const struct sockaddr_in *)sa)->sin_addr, cc->addr,
+            if (ip_key_of(ci != NULL ? ci->client_addr : NULL, cc->ip_key)) {
+                inet_ntop(cc->ip_key[0] == 4 ? AF_INET : AF_INET6, cc->ip_key + 1, cc->addr,
                           sizeof(cc->addr));
-            } else if (sa != NULL && sa->sa_family == AF_INET6) {
-                inet_ntop(AF_INET6, &((const struct sockaddr_in6 *)sa)->sin6_addr, cc->addr,
-                          sizeof(cc->addr));
-            }
-            if (ip_key_of(sa, cc->ip_key)) {
                 cc->ip_counted = ip_add(l->s, cc->ip_key);
             }
         }
@@ -2400,8 +2394,10 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
      * shared, and a thread whose daemon is at its share stops accepting. */
     unsigned nl = threads > 1 ? threads : 1;
     /* No more threads than connections: each thread's share is at least
-     * one. */
-    nl = nl < cfg->connection_limit ? nl : (cfg->connection_limit > 0 ? cfg->connection_limit : 1);
+     * one (connection_limit is at least 1, docs/config.md). */
+    if (nl > cfg->connection_limit && cfg->connection_limit > 0) {
+        nl = cfg->connection_limit;
+    }
     s->loops = calloc(nl, sizeof(*s->loops));
     if (s->loops == NULL) {
         res = kms_error_raise(KMS_ERR_NO_MEMORY, __FILE__, __LINE__);

@@ -620,8 +620,22 @@ typedef struct {
     kms_buf frames;  /* the batch's journal frames */
 } audit_batch;
 
-/* Moves up to a->batch_max queued waiters into b. */
-static void audit_batch_take(audit_batch *b)
+static void audit_batch_init(audit_batch *b, struct kms_audit *a)
+{
+    *b = (audit_batch){.a = a};
+    kms_buf_init(&b->scratch, 2 * KMS_AUDIT_RECORD_MAX_BYTES);
+    kms_buf_init(&b->frames, 0);
+}
+
+static void audit_batch_free(audit_batch *b)
+{
+    kms_buf_free(&b->frames);
+    kms_buf_free(&b->scratch);
+}
+
+/* Moves up to a->batch_max queued waiters into b; true if more are
+ * queued. */
+static bool audit_batch_take(audit_batch *b)
 {
     struct kms_audit *a = b->a;
     pthread_mutex_lock(&a->mu);
@@ -637,9 +651,11 @@ static void audit_batch_take(audit_batch *b)
             a->tail = NULL;
         last->next = NULL;
     }
+    bool more = a->head != NULL;
     pthread_mutex_unlock(&a->mu);
     b->list = first;
     b->count = count;
+    return more;
 }
 
 /* Ingest: journaled records move into LMDB in order, each one checked
@@ -911,25 +927,17 @@ static void audit_release(audit_waiter *list, kms_err res)
     }
 }
 
-/* Tells every waiter of a list its result, from the syncer. */
-static void audit_release_synced(kms *k, audit_waiter *list, size_t n, kms_err res)
-{
-    audit_release(list, res);
-    if (res == KMS_OK)
-        audit_maybe_sign(k, n);
-}
-
 /* Takes up to batch_max queued records and writes them into the journal,
  * on the calling thread; they go to the syncer, which calls their waiters
  * back once they are durable. A failed write is told to its waiters at
  * once. Called by the committer and by server threads at the end of their
- * pass (kms_audit_write_queued). */
-static void audit_write_queued(kms *k, audit_batch *b)
+ * pass (kms_audit_write_queued). True if more records stay queued. */
+static bool audit_write_queued(kms *k, audit_batch *b)
 {
     struct kms_audit *a = k->audit;
-    audit_batch_take(b);
+    bool more = audit_batch_take(b);
     if (b->count == 0)
-        return;
+        return more;
     kms_result r = audit_write(k, b);
     if (kms_is_ok(r)) {
         atomic_fetch_add_explicit(&a->n_commits, 1, memory_order_relaxed);
@@ -945,6 +953,7 @@ static void audit_write_queued(kms *k, audit_batch *b)
     }
     b->list = NULL;
     b->count = 0;
+    return more;
 }
 
 /* The committer writes the records queued by threads that do not write
@@ -954,9 +963,8 @@ static void *audit_committer(void *argp)
 {
     kms *k = argp;
     struct kms_audit *a = k->audit;
-    audit_batch b = {.a = a};
-    kms_buf_init(&b.scratch, 2 * KMS_AUDIT_RECORD_MAX_BYTES);
-    kms_buf_init(&b.frames, 0);
+    audit_batch b;
+    audit_batch_init(&b, a);
     pthread_mutex_lock(&a->mu);
     for (;;) {
         while (a->head == NULL && !a->stopping)
@@ -980,12 +988,11 @@ static void *audit_committer(void *argp)
             a->gathering = false;
         }
         pthread_mutex_unlock(&a->mu);
-        audit_write_queued(k, &b);
+        (void)audit_write_queued(k, &b);
         pthread_mutex_lock(&a->mu);
     }
     pthread_mutex_unlock(&a->mu);
-    kms_buf_free(&b.frames);
-    kms_buf_free(&b.scratch);
+    audit_batch_free(&b);
     return NULL;
 }
 
@@ -1047,7 +1054,8 @@ static void *audit_syncer(void *argp)
                 pthread_cond_signal(&a->ingest_cv);
             a->to_ingest += n;
             pthread_mutex_unlock(&a->mu);
-            audit_release_synced(k, list, n, KMS_OK);
+            audit_release(list, KMS_OK);
+            audit_maybe_sign(k, n);
         } else {
             /* Records written while the failing sync ran may have lost
              * their pages with it: refused as well. */
@@ -1189,9 +1197,7 @@ kms_audit_writer *kms_audit_writer_new(kms *k)
     if (w == NULL)
         return NULL;
     w->k = k;
-    w->b.a = k->audit;
-    kms_buf_init(&w->b.scratch, 2 * KMS_AUDIT_RECORD_MAX_BYTES);
-    kms_buf_init(&w->b.frames, 0);
+    audit_batch_init(&w->b, k->audit);
     return w;
 }
 
@@ -1199,24 +1205,18 @@ void kms_audit_writer_free(kms_audit_writer *w)
 {
     if (w == NULL)
         return;
-    kms_buf_free(&w->b.frames);
-    kms_buf_free(&w->b.scratch);
+    audit_batch_free(&w->b);
     free(w);
 }
 
 void kms_audit_write_queued(kms_audit_writer *w)
 {
     struct kms_audit *a = w->k->audit;
-    pthread_mutex_lock(&a->mu);
-    bool any = a->head != NULL;
-    pthread_mutex_unlock(&a->mu);
-    if (!any)
+    if (!audit_write_queued(w->k, &w->b))
         return;
-    audit_write_queued(w->k, &w->b);
     /* More than one batch was queued: the committer takes the rest. */
     pthread_mutex_lock(&a->mu);
-    if (a->head != NULL)
-        pthread_cond_signal(&a->work);
+    pthread_cond_signal(&a->work);
     pthread_mutex_unlock(&a->mu);
 }
 

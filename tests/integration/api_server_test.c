@@ -611,14 +611,22 @@ static void test_client_certificates(void **state)
     call_expect("app", "GET", "/healthz", NULL, 200, NULL);
 }
 
-static void test_slowloris(void **state)
+/* A plain TCP connection to kmsd's port. */
+static int raw_connect(void)
 {
-    (void)state;
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET,
                             .sin_port = htons((uint16_t)F.port),
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_true(fd >= 0);
     assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0);
+    return fd;
+}
+
+static void test_slowloris(void **state)
+{
+    (void)state;
+    int fd = raw_connect();
     /* The start of a TLS record, then nothing. */
     assert_int_equal(send(fd, "\x16\x03\x01\x00", 4, 0), 4);
     double t0 = now_s();
@@ -1116,19 +1124,6 @@ static void test_resumed_answers_wake_their_thread(void **state)
     assert_true(took < 10.0);
 }
 
-/* per_ip_connection_limit counts the process's connections on every
- * server thread (each thread's libmicrohttpd daemon sees only its own). */
-static int raw_connect(void)
-{
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET,
-                            .sin_port = htons((uint16_t)F.port),
-                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    assert_true(fd >= 0);
-    assert_int_equal(connect(fd, (struct sockaddr *)&a, sizeof(a)), 0);
-    return fd;
-}
-
 static bool healthz_answered(void)
 {
     api_resp r;
@@ -1138,6 +1133,20 @@ static bool healthz_answered(void)
     return ok;
 }
 
+/* Calls /healthz until it is answered (or refused), at most about 2 s. */
+static bool healthz_until(bool answered)
+{
+    for (int i = 0; i < 100; i++) {
+        if (healthz_answered() == answered) {
+            return true;
+        }
+        sleep_ms(20);
+    }
+    return false;
+}
+
+/* per_ip_connection_limit counts the process's connections on every
+ * server thread (each thread's libmicrohttpd daemon sees only its own). */
 static void test_per_ip_limit_across_threads(void **state)
 {
     (void)state;
@@ -1147,23 +1156,10 @@ static void test_per_ip_limit_across_threads(void **state)
     int b = raw_connect();
     /* Once both are counted a third connection is closed as it is
      * accepted (connection_timeout = 3 closes a and b later). */
-    bool refused = false;
-    for (int i = 0; i < 50 && !refused; i++) {
-        refused = !healthz_answered();
-        if (!refused) {
-            sleep_ms(20);
-        }
-    }
-    assert_true(refused);
+    assert_true(healthz_until(false));
     assert_true(log_contains("per_ip_connection_limit (2) reached"));
     close(a);
-    bool answered = false;
-    for (int i = 0; i < 100 && !answered; i++) {
-        answered = healthz_answered();
-        if (!answered) {
-            sleep_ms(20);
-        }
-    }
+    bool answered = healthz_until(true);
     close(b);
     assert_true(answered);
 }
