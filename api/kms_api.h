@@ -61,6 +61,9 @@ typedef struct {
     kms_workers_mode workers_mode;
     unsigned workers;         /* threads or processes */
     unsigned process_threads; /* threads in each process (processes mode) */
+    /* A server thread held in one request this long lets the next one
+     * accept connections; 0: every server thread accepts from the start. */
+    unsigned thread_spill_ms;
 
     size_t max_body_bytes;
     size_t max_batch_items;

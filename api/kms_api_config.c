@@ -25,6 +25,7 @@ void kms_config_defaults(kms_daemon_config *cfg)
     cfg->workers_mode = KMS_WORKERS_PROCESSES;
     cfg->workers = 2;
     cfg->process_threads = 4;
+    cfg->thread_spill_ms = 100;
     cfg->max_body_bytes = 1024 * 1024;
     cfg->max_batch_items = 1000;
     cfg->connection_timeout_s = 30;
@@ -83,6 +84,7 @@ static const opt_spec opts[] = {
     OPT("hsm_cache_capacity", OPT_UINT, hsm_cache_capacity, 1, 1u << 24),
     OPT("workers", OPT_WORKERS, workers, 1, 256),
     OPT("process_threads", OPT_UINT, process_threads, 1, 256),
+    OPT("thread_spill_ms", OPT_UINT, thread_spill_ms, 0, 60000),
     OPT("max_body_bytes", OPT_SIZE, max_body_bytes, 1024, 64u << 20),
     OPT("max_batch_items", OPT_UINT, max_batch_items, 1, 1000),
     OPT("connection_timeout", OPT_DURATION, connection_timeout_s, 1, 3600),

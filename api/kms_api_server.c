@@ -232,6 +232,14 @@ typedef struct api_loop {
     bool queued;
     pthread_t thread;
     bool started;
+    /* Spill-over (loop_serving): the thread's place in the process, its
+     * share of connection_limit, its open connections, and since when
+     * (CLOCK_MONOTONIC ms) it has been inside one request's handler, 0 if
+     * it is not. */
+    unsigned idx;
+    unsigned share;
+    _Atomic unsigned conns;
+    _Atomic int64_t busy_since;
 } api_loop;
 
 /* Open connections of one client address, across the server threads. */
@@ -469,6 +477,14 @@ static enum MHD_Result queue_answer(req_ctx *rq, struct MHD_Connection *conn, in
 
 /* The server thread's loop, on a server thread; NULL on other threads. */
 static _Thread_local api_loop *tl_loop;
+
+/* CLOCK_MONOTONIC in milliseconds. */
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 /* Wakes a server thread's loop; one write until the loop has seen it. */
 static void loop_wake(api_loop *l)
@@ -1854,6 +1870,7 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
 {
     api_loop *l = cls;
     if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        atomic_fetch_add(&l->conns, 1);
         conn_ctx *cc = calloc(1, sizeof(*cc));
         if (cc != NULL) {
             cc->loop = l;
@@ -1867,6 +1884,7 @@ static void on_connection(void *cls, struct MHD_Connection *conn, void **socket_
         }
         *socket_context = cc;
     } else {
+        atomic_fetch_sub(&l->conns, 1);
         conn_ctx *cc = *socket_context;
         if (cc != NULL && cc->ip_counted) {
             ip_del(l->s, cc->ip_key);
@@ -2128,7 +2146,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     if (rq->route == R_BATCH && batch_offload(rq, conn)) {
         return MHD_YES;
     }
-    return dispatch(rq, conn);
+    /* Marked while the handler runs: a thread held here (an HSM call that
+     * hangs) lets the next server thread take new connections. */
+    api_loop *l = tl_loop;
+    if (l != NULL) {
+        atomic_store_explicit(&l->busy_since, mono_ms(), memory_order_relaxed);
+    }
+    enum MHD_Result ret = dispatch(rq, conn);
+    if (l != NULL) {
+        atomic_store_explicit(&l->busy_since, 0, memory_order_relaxed);
+    }
+    return ret;
 }
 
 static int status_slot(int status)
@@ -2272,10 +2300,44 @@ static kms_result load_ca_pem(const char *path, char **out)
     return KMS_OK_RESULT;
 }
 
+/* Spill-over. The first server thread of a process accepts and serves
+ * every connection while it can: one thread serves a pass's requests, writes
+ * their audit records with one write and is woken once per sync, where
+ * threads sharing the connections each do so for a few (docs/performance.md,
+ * "One serving thread, the others spare"). Another thread starts taking new
+ * connections only when every thread before it is unavailable: held in one
+ * request for thread_spill_ms (an HSM call that hangs must not stop the
+ * accept loop or /healthz), or at its share of connection_limit. It serves
+ * the connections it took until they close, and while it has any it also
+ * accepts. A spare thread looks every LOOP_SPARE_TICK_MS at most. */
+#define LOOP_SPARE_TICK_MS 25
+
+static bool loop_unavailable(api_loop *l, int64_t now, unsigned spill_ms)
+{
+    int64_t since = atomic_load_explicit(&l->busy_since, memory_order_relaxed);
+    return (since != 0 && now - since >= (int64_t)spill_ms) || atomic_load(&l->conns) >= l->share;
+}
+
+static bool loop_serving(api_loop *l)
+{
+    unsigned spill_ms = l->s->cfg.thread_spill_ms;
+    if (l->idx == 0 || spill_ms == 0 || atomic_load(&l->conns) > 0) {
+        return true;
+    }
+    int64_t now = mono_ms();
+    for (unsigned u = 0; u < l->idx; u++) {
+        if (!loop_unavailable(&l->s->loops[u], now, spill_ms)) {
+            return false;
+        }
+    }
+    return true;
+}
+
 /* A server thread: waits on its daemons' epoll sets and its wake-up
  * eventfd, then lets each daemon do what is ready. The wait is bounded by
  * libmicrohttpd's own next deadline (connection timeouts, data already
- * read by TLS), else by LOOP_IDLE_MS so that a stop is seen. */
+ * read by TLS), else by LOOP_IDLE_MS so that a stop is seen. A spare
+ * thread (loop_serving false) waits on its eventfd alone. */
 #define LOOP_IDLE_MS 1000
 
 static void *loop_main(void *arg)
@@ -2289,6 +2351,14 @@ static void *loop_main(void *arg)
     pf[l->nd] = (struct pollfd){.fd = l->wake_fd, .events = POLLIN};
     tl_loop = l;
     while (!atomic_load(&l->stop)) {
+        if (!loop_serving(l)) {
+            if (poll(&pf[l->nd], 1, LOOP_SPARE_TICK_MS) > 0) {
+                uint64_t v;
+                (void)!read(l->wake_fd, &v, sizeof(v));
+                atomic_store(&l->woken, false);
+            }
+            continue;
+        }
         int ms = LOOP_IDLE_MS;
         for (size_t i = 0; i < l->nd; i++) {
             MHD_UNSIGNED_LONG_LONG to;
@@ -2406,6 +2476,7 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
     for (unsigned t = 0; t < nl; t++) {
         api_loop *l = &s->loops[t];
         l->s = s;
+        l->idx = t;
         l->aw = kms_audit_writer_new(k);
         l->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         s->loop_count++;
@@ -2414,6 +2485,7 @@ KMS_RESULT kms_api_server_start(const kms_daemon_config *cfg, kms *k, const int 
             goto fail;
         }
         unsigned share = cfg->connection_limit / nl + (t < cfg->connection_limit % nl ? 1 : 0);
+        l->share = share;
         for (size_t i = 0; i < n; i++) {
             /* Each daemon closes its listening socket when stopped: the
              * first thread's daemons take the sockets given, the others a

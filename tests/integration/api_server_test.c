@@ -1053,48 +1053,81 @@ static void test_processes_mode(void **state)
     run_sigterm_under_load();
 }
 
+/* A POST made on a thread of its own, held in the HSM by an injected
+ * delay (kms_fault_arm), while the test calls /healthz beside it. */
+typedef struct {
+    const char *path, *body;
+    api_resp r;
+    atomic_bool done;
+    pthread_t thread;
+} held_call;
+
+static void *held_call_main(void *arg)
+{
+    held_call *c = arg;
+    api_call(&F, "app", "POST", c->path, c->body, &c->r);
+    atomic_store(&c->done, true);
+    return NULL;
+}
+
+/* Starts c with a 3 s delay in its first C_Encrypt and returns once the
+ * call waits in the HSM (the delay has fired). */
+static void held_call_start(held_call *c, const char *path, const char *body)
+{
+    *c = (held_call){.path = path, .body = body};
+    atomic_init(&c->done, false);
+    kms_fault_reset();
+    kms_fault_arm("C_Encrypt", 1, 0, 3000);
+    assert_int_equal(pthread_create(&c->thread, NULL, held_call_main, c), 0);
+    for (int i = 0; i < 200 && kms_fault_fired() == 0; i++) {
+        sleep_ms(10);
+    }
+    assert_true(kms_fault_fired() > 0);
+}
+
 /* A batch runs on a thread of its own, not on the server thread that
  * received it: with a single server thread, /healthz on another connection
  * is answered while a batch waits on the HSM (an injected 3 s delay in its
  * first C_Encrypt). Before batches had threads of their own, that thread
  * answered nothing else until the batch was done. */
-typedef struct {
-    api_resp r;
-    atomic_bool done;
-} batch_call;
-
-static void *batch_call_main(void *arg)
-{
-    batch_call *b = arg;
-    api_call(&F, "app", "POST", "/v1/keys/app-1/batch/wrap",
-             "{\"items\":[{\"plaintext\":\"AAECAwQFBgcICQoLDA0ODw==\"},"
-             "{\"plaintext\":\"AAECAwQFBgcICQoLDA0ODw==\"}]}",
-             &b->r);
-    atomic_store(&b->done, true);
-    return NULL;
-}
-
 static void test_batch_own_thread(void **state)
 {
     (void)state;
     assert_int_equal(api_fixture_start(&F, "workers = threads:1\n"), 0);
-    kms_fault_reset();
-    kms_fault_arm("C_Encrypt", 1, 0, 3000);
-    batch_call b = {0};
-    atomic_init(&b.done, false);
-    pthread_t t;
-    assert_int_equal(pthread_create(&t, NULL, batch_call_main, &b), 0);
-    /* Until the batch waits in the HSM (the delay has fired). */
-    for (int i = 0; i < 200 && kms_fault_fired() == 0; i++) {
-        sleep_ms(10);
-    }
-    assert_true(kms_fault_fired() > 0);
+    held_call c;
+    held_call_start(&c, "/v1/keys/app-1/batch/wrap",
+                    "{\"items\":[{\"plaintext\":\"AAECAwQFBgcICQoLDA0ODw==\"},"
+                    "{\"plaintext\":\"AAECAwQFBgcICQoLDA0ODw==\"}]}");
     call_expect("app", "GET", "/healthz", NULL, 200, NULL);
-    assert_false(atomic_load(&b.done));
-    pthread_join(t, NULL);
-    expect_status(&b.r, 200, NULL);
-    assert_int_equal(jint(&b.r, "succeeded"), 2);
-    api_resp_free(&b.r);
+    assert_false(atomic_load(&c.done));
+    pthread_join(c.thread, NULL);
+    expect_status(&c.r, 200, NULL);
+    assert_int_equal(jint(&c.r, "succeeded"), 2);
+    api_resp_free(&c.r);
+    kms_fault_disarm();
+}
+
+/* A single operation held in the HSM holds the server thread that serves
+ * it. With spill-over, the first thread takes every connection while it
+ * can, so the wrap lands on it; once it has been held for thread_spill_ms,
+ * the second thread starts accepting and /healthz on a new connection is
+ * answered at once. Were the spare thread never to serve, /healthz would
+ * wait the 3 s out. */
+static void test_held_thread_spills(void **state)
+{
+    (void)state;
+    assert_int_equal(api_fixture_start(&F, "workers = threads:2\nthread_spill_ms = 100\n"), 0);
+    held_call c;
+    held_call_start(&c, "/v1/keys/app-1/wrap", "{\"plaintext\":\"AAECAwQFBgcICQoLDA0ODw==\"}");
+    double t0 = now_s();
+    call_expect("app", "GET", "/healthz", NULL, 200, NULL);
+    double took = now_s() - t0;
+    print_message("/healthz beside a held thread: %.3f s\n", took);
+    assert_true(took < 1.5);
+    assert_false(atomic_load(&c.done));
+    pthread_join(c.thread, NULL);
+    expect_status(&c.r, 200, NULL);
+    api_resp_free(&c.r);
     kms_fault_disarm();
 }
 
@@ -1146,11 +1179,14 @@ static bool healthz_until(bool answered)
 }
 
 /* per_ip_connection_limit counts the process's connections on every
- * server thread (each thread's libmicrohttpd daemon sees only its own). */
+ * server thread (each thread's libmicrohttpd daemon sees only its own).
+ * thread_spill_ms = 0: every thread accepts from the start, so the
+ * connections spread over the threads as they do after a spill. */
 static void test_per_ip_limit_across_threads(void **state)
 {
     (void)state;
-    assert_int_equal(api_fixture_start(&F, "workers = threads:4\nper_ip_connection_limit = 2\n"),
+    assert_int_equal(api_fixture_start(&F, "workers = threads:4\nthread_spill_ms = 0\n"
+                                           "per_ip_connection_limit = 2\n"),
                      0);
     int a = raw_connect();
     int b = raw_connect();
@@ -1329,6 +1365,7 @@ int main(void)
         cmocka_unit_test(test_processes_mode),
         cmocka_unit_test(test_supervisor_killed),
         cmocka_unit_test(test_batch_own_thread),
+        cmocka_unit_test(test_held_thread_spills),
         cmocka_unit_test(test_resumed_answers_wake_their_thread),
         cmocka_unit_test(test_per_ip_limit_across_threads),
         cmocka_unit_test(test_bench),

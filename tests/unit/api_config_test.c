@@ -46,6 +46,7 @@ static void test_full_config(void **state)
                        "hsm_pool_size = 8\n"
                        "hsm_cache_capacity = 10000\n"
                        "workers = threads:16\n"
+                       "thread_spill_ms = 0\n"
                        "max_body_bytes = 512K\n"
                        "max_batch_items = 500\n"
                        "connection_timeout = 2m\n"
@@ -70,6 +71,7 @@ static void test_full_config(void **state)
     assert_int_equal(cfg.hsm_pool_size, 8);
     assert_int_equal(cfg.workers_mode, KMS_WORKERS_THREADS);
     assert_int_equal(cfg.workers, 16);
+    assert_int_equal(cfg.thread_spill_ms, 0);
     assert_int_equal(cfg.max_body_bytes, 512 * 1024);
     assert_int_equal(cfg.connection_timeout_s, 120);
     assert_int_equal(cfg.rotation_period_s, 30 * 86400);
@@ -88,6 +90,8 @@ static void test_defaults(void **state)
     assert_int_equal(cfg.max_body_bytes, 1024 * 1024);
     assert_int_equal(cfg.max_batch_items, 1000);
     assert_int_equal(cfg.connection_timeout_s, 30);
+    assert_int_equal(cfg.process_threads, 4);
+    assert_int_equal(cfg.thread_spill_ms, 100);
     /* Required options are missing. */
     assert_int_equal(kms_config_validate(&cfg, "t.conf").err, KMS_ERR_CONFIG);
     assert_non_null(strstr(kms_error_detail(), "required option 'tls_cert'"));
@@ -102,6 +106,7 @@ static void test_errors(void **state)
     expect_error("workers = forks:2\n", "t.conf:1: workers");
     expect_error("workers = threads:0\n", "t.conf:1: workers");
     expect_error("max_batch_items = 1001\n", "t.conf:1: max_batch_items: must be between");
+    expect_error("thread_spill_ms = 60001\n", "t.conf:1: thread_spill_ms: must be between");
     expect_error("max_body_bytes = -5\n", "t.conf:1: max_body_bytes");
     expect_error("max_body_bytes = 5X\n", "t.conf:1: max_body_bytes");
     expect_error("hsm_pool_size = 99999999999999999999999\n", "t.conf:1: hsm_pool_size");
