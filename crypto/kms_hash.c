@@ -2,6 +2,20 @@
 #include "kms_hash.h"
 
 #include <openssl/evp.h>
+#include <pthread.h>
+
+/* SHA-256 fetched once. EVP_sha256() hands OpenSSL 3 a legacy method that
+ * each EVP_DigestInit_ex fetches again from the provider: a lock, a lookup
+ * and string compares, which cost more than hashing an audit record
+ * (docs/performance.md, "One serving thread, the others spare"). NULL if
+ * the fetch failed: EVP_sha256() then, as before. */
+static EVP_MD *kms_sha256_md;
+static pthread_once_t kms_sha256_once = PTHREAD_ONCE_INIT;
+
+static void kms_sha256_fetch(void)
+{
+    kms_sha256_md = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
 
 KMS_RESULT kms_sha256(const void *data, size_t n, uint8_t out[KMS_SHA256_BYTES])
 {
@@ -19,7 +33,9 @@ KMS_RESULT kms_sha256_iov(const kms_iov *parts, size_t count, uint8_t out[KMS_SH
     KMS_ENSURE(count == 0 || parts != NULL, KMS_ERR_INVALID_ARGUMENT);
     EVP_MD_CTX *ctx KMS_DEFER(kms_md_ctx_cleanup) = EVP_MD_CTX_new();
     KMS_ENSURE(ctx != NULL, KMS_ERR_NO_MEMORY);
-    KMS_GUARD_OSSL(EVP_DigestInit_ex(ctx, EVP_sha256(), NULL), KMS_ERR_CRYPTO);
+    pthread_once(&kms_sha256_once, kms_sha256_fetch);
+    const EVP_MD *md = kms_sha256_md != NULL ? kms_sha256_md : EVP_sha256();
+    KMS_GUARD_OSSL(EVP_DigestInit_ex(ctx, md, NULL), KMS_ERR_CRYPTO);
     for (size_t i = 0; i < count; i++) {
         if (parts[i].n == 0) {
             continue;
