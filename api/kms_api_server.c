@@ -44,6 +44,44 @@ void kms_log_set_level(kms_log_level level)
     log_level = level;
 }
 
+/* The process id, read once and again after a fork: glibc's getpid() is a
+ * system call, and the access log writes a line per request. */
+static _Atomic int log_pid;
+
+static void log_pid_after_fork(void)
+{
+    atomic_store(&log_pid, 0);
+}
+
+static void log_pid_register(void)
+{
+    (void)pthread_atfork(NULL, NULL, log_pid_after_fork);
+}
+
+static int log_pid_get(void)
+{
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, log_pid_register);
+    int pid = atomic_load(&log_pid);
+    if (pid == 0) {
+        pid = (int)getpid();
+        atomic_store(&log_pid, pid);
+    }
+    return pid;
+}
+
+/* Each thread keeps the line's prefix up to the second and formats it again
+ * only when the second or the process changes: gmtime_r takes glibc's
+ * time-zone lock, shared by every thread. */
+typedef struct {
+    time_t sec;
+    int pid;
+    char date[80]; /* "2026-12-06T04:05:06" */
+    char who[32];  /* "Z kmsd[1234] " */
+} log_stamp;
+
+static _Thread_local log_stamp log_tls = {.sec = -1};
+
 void kms_log(kms_log_level level, const char *fmt, ...)
 {
     static const char *names[] = {"error", "warn", "info", "debug"};
@@ -52,23 +90,44 @@ void kms_log(kms_log_level level, const char *fmt, ...)
     }
     char line[1024];
     struct timespec ts;
-    struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
-    gmtime_r(&ts.tv_sec, &tm);
-    int n = snprintf(line, sizeof(line),
-                     "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ kmsd[%d] %s: ", tm.tm_year + 1900,
-                     tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
-                     ts.tv_nsec / 1000000, (int)getpid(), names[level]);
+    log_stamp *st = &log_tls;
+    int pid = log_pid_get();
+    if (st->sec != ts.tv_sec || st->pid != pid) {
+        struct tm tm;
+        gmtime_r(&ts.tv_sec, &tm);
+        snprintf(st->date, sizeof(st->date), "%04d-%02d-%02dT%02d:%02d:%02d", tm.tm_year + 1900,
+                 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+        snprintf(st->who, sizeof(st->who), "Z kmsd[%d] ", pid);
+        st->sec = ts.tv_sec;
+        st->pid = pid;
+    }
+    /* "<date>.<ms><who><level>: " */
+    size_t dl = strlen(st->date), wl = strlen(st->who), ll = strlen(names[level]);
+    size_t n = 0;
+    memcpy(line, st->date, dl);
+    n += dl;
+    long ms = ts.tv_nsec / 1000000;
+    line[n++] = '.';
+    line[n++] = (char)('0' + ms / 100);
+    line[n++] = (char)('0' + ms / 10 % 10);
+    line[n++] = (char)('0' + ms % 10);
+    memcpy(line + n, st->who, wl);
+    n += wl;
+    memcpy(line + n, names[level], ll);
+    n += ll;
+    line[n++] = ':';
+    line[n++] = ' ';
     va_list ap;
     va_start(ap, fmt);
-    if (n > 0 && (size_t)n < sizeof(line)) {
-        int m = vsnprintf(line + n, sizeof(line) - (size_t)n, fmt, ap);
-        n = m < 0 ? n : ((size_t)(n + m) >= sizeof(line) - 1 ? (int)sizeof(line) - 2 : n + m);
-    }
+    int m = vsnprintf(line + n, sizeof(line) - n, fmt, ap);
     va_end(ap);
+    if (m > 0) {
+        n = n + (size_t)m >= sizeof(line) - 1 ? sizeof(line) - 2 : n + (size_t)m;
+    }
     line[n++] = '\n';
     /* One write(2) per line: lines from several processes do not mix. */
-    ssize_t w = write(STDERR_FILENO, line, (size_t)n);
+    ssize_t w = write(STDERR_FILENO, line, n);
     (void)w;
 }
 
