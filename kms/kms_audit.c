@@ -204,26 +204,27 @@ static KMS_RESULT audit_encode(const kms_audit_record *r, const uint8_t prev[KMS
     KMS_GUARD(audit_put_u64(b, r->seq));
     KMS_GUARD(audit_put_lit(b, ",\"time\":"));
     KMS_GUARD(audit_put_i64(b, r->time));
-    KMS_GUARD(audit_put_lit(b, ",\"identity\":"));
-    KMS_GUARD(audit_put_str(b, r->identity));
-    KMS_GUARD(audit_put_lit(b, ",\"source\":"));
-    KMS_GUARD(audit_put_str(b, r->source));
-    KMS_GUARD(audit_put_lit(b, ",\"request_id\":"));
-    KMS_GUARD(audit_put_str(b, r->request_id));
-    KMS_GUARD(audit_put_lit(b, ",\"operation\":"));
-    KMS_GUARD(audit_put_str(b, r->operation));
-    KMS_GUARD(audit_put_lit(b, ",\"key\":"));
-    KMS_GUARD(audit_put_str(b, r->key));
-    KMS_GUARD(audit_put_lit(b, ",\"version\":"));
-    KMS_GUARD(audit_put_u64(b, r->version));
-    KMS_GUARD(audit_put_lit(b, ",\"to_version\":"));
-    KMS_GUARD(audit_put_u64(b, r->to_version));
-    KMS_GUARD(audit_put_lit(b, ",\"items\":"));
-    KMS_GUARD(audit_put_u64(b, r->items));
-    KMS_GUARD(audit_put_lit(b, ",\"status\":"));
-    KMS_GUARD(audit_put_u64(b, (unsigned)r->status));
-    KMS_GUARD(audit_put_lit(b, ",\"result\":"));
-    KMS_GUARD(audit_put_str(b, r->result));
+    const struct {
+        const char *name; /* the field's name with its comma, quotes and colon */
+        const char *s;    /* a string field, or NULL for the number n */
+        uint64_t n;
+    } fields[] = {
+        {",\"identity\":", r->identity, 0},
+        {",\"source\":", r->source, 0},
+        {",\"request_id\":", r->request_id, 0},
+        {",\"operation\":", r->operation, 0},
+        {",\"key\":", r->key, 0},
+        {",\"version\":", NULL, r->version},
+        {",\"to_version\":", NULL, r->to_version},
+        {",\"items\":", NULL, r->items},
+        {",\"status\":", NULL, r->status},
+        {",\"result\":", r->result, 0},
+    };
+    for (size_t i = 0; i < KMS_ARRAY_LEN(fields); i++) {
+        KMS_GUARD(audit_put_lit(b, fields[i].name));
+        KMS_GUARD(fields[i].s != NULL ? audit_put_str(b, fields[i].s)
+                                      : audit_put_u64(b, fields[i].n));
+    }
     KMS_GUARD(audit_put_lit(b, ",\"prev\":\""));
     KMS_GUARD(kms_buf_append(b, prev_hex, 2 * KMS_AUDIT_HASH_BYTES));
     return audit_put_lit(b, "\"}");
