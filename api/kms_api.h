@@ -15,10 +15,11 @@
 
 /* ---- configuration file (docs/config.md) ---- */
 
-#define KMS_CONFIG_LISTEN_MAX 8
-#define KMS_CONFIG_LINE_BYTES 4096
-#define KMS_CONFIG_FILE_BYTES (256 * 1024)
-#define KMS_CONFIG_PATH_BYTES 4096
+#define KMS_CONFIG_LISTEN_MAX  8
+#define KMS_CONFIG_WORKERS_MAX 256 /* workers = threads:N or processes:N */
+#define KMS_CONFIG_LINE_BYTES  4096
+#define KMS_CONFIG_FILE_BYTES  (256 * 1024)
+#define KMS_CONFIG_PATH_BYTES  4096
 
 typedef enum {
     KMS_WORKERS_THREADS = 1,   /* one process, a libmicrohttpd thread pool */
@@ -143,8 +144,11 @@ KMS_RESULT kms_api_metrics_share(void);
 KMS_RESULT kms_api_tls_check(const kms_daemon_config *cfg);
 
 /* Binds the configured listen addresses (before fork in processes mode).
- * fds receives cfg->listen_count sockets. */
-KMS_RESULT kms_api_listen(const kms_daemon_config *cfg, int *fds, size_t *n);
+ * fds receives copies * cfg->listen_count sockets, copy by copy: one copy
+ * per worker process. With copies > 1 every socket of an address is bound
+ * with SO_REUSEPORT, so that the kernel shares new connections out among
+ * the workers (docs/architecture.md, "Threads and processes"). */
+KMS_RESULT kms_api_listen(const kms_daemon_config *cfg, size_t copies, int *fds, size_t *n);
 
 /* Starts serving on already-bound sockets: loads the server certificate,
  * the CA, the CRL and the policy. threads: libmicrohttpd thread pool size.

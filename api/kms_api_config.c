@@ -82,7 +82,7 @@ static const opt_spec opts[] = {
     OPT("hsm_pin_env", OPT_STRING, hsm_pin_env, 0, 0),
     OPT("hsm_pool_size", OPT_UINT, hsm_pool_size, 1, 256),
     OPT("hsm_cache_capacity", OPT_UINT, hsm_cache_capacity, 1, 1u << 24),
-    OPT("workers", OPT_WORKERS, workers, 1, 256),
+    OPT("workers", OPT_WORKERS, workers, 1, KMS_CONFIG_WORKERS_MAX),
     OPT("process_threads", OPT_UINT, process_threads, 1, 256),
     OPT("thread_spill_ms", OPT_UINT, thread_spill_ms, 0, 60000),
     OPT("max_body_bytes", OPT_SIZE, max_body_bytes, 1024, 64u << 20),

@@ -2300,10 +2300,37 @@ void kms_api_global_init(void)
     kms_api_json_alloc_init();
 }
 
-KMS_RESULT kms_api_listen(const kms_daemon_config *cfg, int *fds, size_t *n)
+/* One listening socket on ss; SO_REUSEPORT when the address is bound once
+ * per worker process. Returns the fd, or -1 with errno set. */
+static int listen_one(const struct sockaddr_storage *ss, socklen_t sl, bool reuseport)
 {
+    int fd = socket(ss->ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    int one = 1;
+    if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+        (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) ||
+        (ss->ss_family == AF_INET6 &&
+         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0) ||
+        bind(fd, (const struct sockaddr *)ss, sl) != 0 || listen(fd, 512) != 0) {
+        int e = errno;
+        if (fd >= 0) {
+            close(fd);
+        }
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
+KMS_RESULT kms_api_listen(const kms_daemon_config *cfg, size_t copies, int *fds, size_t *n)
+{
+    KMS_ENSURE(copies >= 1, KMS_ERR_INVALID_ARGUMENT);
     *n = 0;
-    for (size_t i = 0; i < cfg->listen_count; i++) {
+    const size_t nl = cfg->listen_count;
+    for (size_t j = 0; j < copies * nl; j++) {
+        fds[j] = -1;
+    }
+    kms_result r = KMS_OK_RESULT;
+    for (size_t i = 0; i < nl && kms_is_ok(r); i++) {
         const kms_listen_addr *a = &cfg->listen[i];
         struct sockaddr_storage ss;
         socklen_t sl;
@@ -2319,26 +2346,36 @@ KMS_RESULT kms_api_listen(const kms_daemon_config *cfg, int *fds, size_t *n)
             s6->sin6_port = htons(a->port);
             sl = sizeof(*s6);
         } else {
-            KMS_BAIL_MSG(KMS_ERR_CONFIG, "listen: '%s' is not a numeric address", a->host);
+            r = kms_error_raisef(KMS_ERR_CONFIG, __FILE__, __LINE__,
+                                 "listen: '%s' is not a numeric address", a->host);
+            break;
         }
-        int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-        int one = 1;
-        if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
-            (ss.ss_family == AF_INET6 &&
-             setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one)) != 0) ||
-            bind(fd, (struct sockaddr *)&ss, sl) != 0 || listen(fd, 512) != 0) {
-            int e = errno;
-            if (fd >= 0) {
+        for (size_t c = 0; c < copies; c++) {
+            int fd = listen_one(&ss, sl, copies > 1);
+            /* Port 0: the copies join the port the first one was given. */
+            socklen_t got = sizeof(ss);
+            if (fd >= 0 && c == 0 && a->port == 0 &&
+                getsockname(fd, (struct sockaddr *)&ss, &got) != 0) {
                 close(fd);
+                fd = -1;
             }
-            for (size_t j = 0; j < *n; j++) {
+            if (fd < 0) {
+                r = kms_error_raisef(KMS_ERR_IO, __FILE__, __LINE__, "listen on %s port %u: %s",
+                                     a->host, a->port, strerror(errno));
+                break;
+            }
+            fds[c * nl + i] = fd;
+        }
+    }
+    if (!kms_is_ok(r)) {
+        for (size_t j = 0; j < copies * nl; j++) {
+            if (fds[j] >= 0) {
                 close(fds[j]);
             }
-            *n = 0;
-            KMS_BAIL_MSG(KMS_ERR_IO, "listen on %s port %u: %s", a->host, a->port, strerror(e));
         }
-        fds[(*n)++] = fd;
+        return r;
     }
+    *n = copies * nl;
     return KMS_OK_RESULT;
 }
 

@@ -307,7 +307,15 @@ static pid_t spawn(const kms_daemon_config *cfg, const int *fds, size_t nfds, si
         sigemptyset(&all);
         sigaddset(&all, SIGCHLD);
         pthread_sigmask(SIG_UNBLOCK, &all, NULL);
-        _exit(run_worker(cfg, fds, nfds, cfg->process_threads, idx == 0, p[1]));
+        /* Worker idx serves its own copy of the listening sockets (one
+         * SO_REUSEPORT socket per address and worker, kms_api_listen). */
+        const size_t nl = cfg->listen_count;
+        for (size_t i = 0; i < nfds; i++) {
+            if (i / nl != idx) {
+                close(fds[i]);
+            }
+        }
+        _exit(run_worker(cfg, fds + idx * nl, nl, cfg->process_threads, idx == 0, p[1]));
     }
     close(p[1]);
     if (pid < 0) {
@@ -532,9 +540,10 @@ int main(int argc, char **argv)
     }
 
     signal(SIGPIPE, SIG_IGN);
-    int fds[KMS_CONFIG_LISTEN_MAX];
+    /* In processes mode one copy of the sockets per worker. */
+    int fds[KMS_CONFIG_LISTEN_MAX * KMS_CONFIG_WORKERS_MAX];
     size_t nfds = 0;
-    r = kms_api_listen(&cfg, fds, &nfds);
+    r = kms_api_listen(&cfg, cfg.workers_mode == KMS_WORKERS_THREADS ? 1 : cfg.workers, fds, &nfds);
     if (!kms_is_ok(r)) {
         die_result(r, "listening");
         return kms_error_exit_code(r.err);
