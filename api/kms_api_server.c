@@ -2447,22 +2447,17 @@ static void *loop_main(void *arg)
     pf[l->nd] = (struct pollfd){.fd = l->wake_fd, .events = POLLIN};
     tl_loop = l;
     while (!atomic_load(&l->stop)) {
-        if (!loop_serving(l)) {
-            if (poll(&pf[l->nd], 1, LOOP_SPARE_TICK_MS) > 0) {
-                uint64_t v;
-                (void)!read(l->wake_fd, &v, sizeof(v));
-                atomic_store(&l->woken, false);
-            }
-            continue;
-        }
-        int ms = LOOP_IDLE_MS;
-        for (size_t i = 0; i < l->nd; i++) {
+        /* A spare waits on its eventfd alone. */
+        bool serving = loop_serving(l);
+        int ms = serving ? LOOP_IDLE_MS : LOOP_SPARE_TICK_MS;
+        for (size_t i = 0; serving && i < l->nd; i++) {
             MHD_UNSIGNED_LONG_LONG to;
             if (MHD_get_timeout(l->d[i], &to) == MHD_YES && to < (MHD_UNSIGNED_LONG_LONG)ms) {
                 ms = (int)to;
             }
         }
-        if (poll(pf, l->nd + 1, ms) < 0 && errno != EINTR) {
+        struct pollfd *set = serving ? pf : &pf[l->nd];
+        if (poll(set, serving ? l->nd + 1 : 1, ms) < 0 && errno != EINTR) {
             kms_log(KMS_LOG_ERROR, "server thread: poll: %s", strerror(errno));
             struct timespec d = {0, 10 * 1000000L};
             nanosleep(&d, NULL);
@@ -2474,6 +2469,9 @@ static void *loop_main(void *arg)
         /* Cleared before the daemons run, so that a connection resumed
          * while they do wakes the loop again. */
         atomic_store(&l->woken, false);
+        if (!serving) {
+            continue;
+        }
         for (size_t i = 0; i < l->nd; i++) {
             MHD_run(l->d[i]);
         }
@@ -2701,14 +2699,11 @@ void kms_api_server_shutdown(kms_api_server *s)
      * process's copies (a supervisor keeps its own). */
     atomic_store(&s->draining, true);
     /* Drain: requests already received are answered; bounded wait. */
-    struct timespec t0, now;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    long waited_ms = 0;
-    while (atomic_load(&s->inflight) > 0 && waited_ms < (long)s->cfg.drain_timeout_s * 1000) {
+    const int64_t t0 = mono_ms();
+    while (atomic_load(&s->inflight) > 0 &&
+           mono_ms() - t0 < (int64_t)s->cfg.drain_timeout_s * 1000) {
         struct timespec d = {0, 10 * 1000000L};
         nanosleep(&d, NULL);
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        waited_ms = (now.tv_sec - t0.tv_sec) * 1000 + (now.tv_nsec - t0.tv_nsec) / 1000000;
     }
     if (atomic_load(&s->inflight) > 0) {
         kms_log(KMS_LOG_WARN, "drain timeout: %ld requests still in flight",
