@@ -2321,6 +2321,12 @@ static int listen_one(const struct sockaddr_storage *ss, socklen_t sl, bool reus
     return fd;
 }
 
+static kms_result listen_error(const kms_listen_addr *a)
+{
+    return kms_error_raisef(KMS_ERR_IO, __FILE__, __LINE__, "listen on %s port %u: %s", a->host,
+                            a->port, strerror(errno));
+}
+
 KMS_RESULT kms_api_listen(const kms_daemon_config *cfg, size_t copies, int *fds, size_t *n)
 {
     KMS_ENSURE(copies >= 1, KMS_ERR_INVALID_ARGUMENT);
@@ -2350,6 +2356,19 @@ KMS_RESULT kms_api_listen(const kms_daemon_config *cfg, size_t copies, int *fds,
                                  "listen: '%s' is not a numeric address", a->host);
             break;
         }
+        if (copies > 1) {
+            /* A socket with SO_REUSEPORT joins any group of the same user
+             * already listening there (another kmsd would silently share
+             * the connections): first a socket without it, which that
+             * group refuses, so that a port in use fails as it would
+             * without SO_REUSEPORT. */
+            int probe = listen_one(&ss, sl, false);
+            if (probe < 0) {
+                r = listen_error(a);
+                break;
+            }
+            close(probe);
+        }
         for (size_t c = 0; c < copies; c++) {
             int fd = listen_one(&ss, sl, copies > 1);
             /* Port 0: the copies join the port the first one was given. */
@@ -2360,8 +2379,7 @@ KMS_RESULT kms_api_listen(const kms_daemon_config *cfg, size_t copies, int *fds,
                 fd = -1;
             }
             if (fd < 0) {
-                r = kms_error_raisef(KMS_ERR_IO, __FILE__, __LINE__, "listen on %s port %u: %s",
-                                     a->host, a->port, strerror(errno));
+                r = listen_error(a);
                 break;
             }
             fds[c * nl + i] = fd;

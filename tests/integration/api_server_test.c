@@ -1273,15 +1273,14 @@ static int answered_within(const int *fds, bool *done, int n, int ms)
  * addresses, whichever worker is awake: on one shared socket the first
  * server thread of whichever worker woke first took them (seen: all 16
  * benchmark connections on one worker, the other idle). With one worker
- * stopped, the other answers only its own share; the stopped worker's
- * share waits in its socket's queue and is answered once it runs again. */
-static void test_workers_share_connections(void **state)
+ * stopped, the other answers only its own share; the stopped worker's share
+ * waits in its socket's queue and is answered once it runs again. One CI
+ * run saw all 32 answered at once (cause not found; not seen in 5 runs since), so
+ * the stopped worker gets up to three tries; on one shared socket every
+ * try answers all 32. */
+static int stopped_worker_try(int stopped, int *all)
 {
-    (void)state;
-    assert_int_equal(api_fixture_start(&F, "workers = processes:2\n"), 0);
-    int kids[2];
-    two_workers(kids);
-    assert_int_equal(kill(kids[0], SIGSTOP), 0);
+    assert_int_equal(kill(stopped, SIGSTOP), 0);
     enum { N = 32 };
     int fds[N];
     bool done[N] = {false};
@@ -1292,15 +1291,29 @@ static void test_workers_share_connections(void **state)
                          (ssize_t)sizeof(plain) - 1);
     }
     int alone = answered_within(fds, done, N, 1500);
-    assert_int_equal(kill(kids[0], SIGCONT), 0);
-    int all = answered_within(fds, done, N, 5000);
+    assert_int_equal(kill(stopped, SIGCONT), 0);
+    *all = answered_within(fds, done, N, 5000);
     for (int i = 0; i < N; i++) {
         close(fds[i]);
     }
     print_message("%d connections: %d answered while one worker was stopped, %d once it ran\n", N,
-                  alone, all);
-    assert_true(alone >= 1 && alone < N);
-    assert_int_equal(all, N);
+                  alone, *all);
+    assert_int_equal(*all, N);
+    return alone;
+}
+
+static void test_workers_share_connections(void **state)
+{
+    (void)state;
+    assert_int_equal(api_fixture_start(&F, "workers = processes:2\n"), 0);
+    int kids[2];
+    two_workers(kids);
+    int alone = 32, all = 0;
+    for (int t = 0; t < 3 && alone == 32; t++) {
+        alone = stopped_worker_try(kids[0], &all);
+    }
+    assert_true(alone >= 1 && alone < 32);
+    call_expect("app", "GET", "/healthz", NULL, 200, NULL);
 }
 
 /* A supervisor killed with SIGKILL cannot forward anything: its workers
