@@ -136,8 +136,19 @@ typedef struct kms_api_server kms_api_server;
 void kms_api_global_init(void);
 
 /* Processes mode: call in the supervisor before forking the workers, so
- * that their HTTP request counters and latency histograms are one set. */
+ * that their HTTP request counters and latency histograms are one set, and
+ * each worker's HSM and audit counters sit in a slot that /metrics adds up
+ * whichever worker answers the scrape. */
 KMS_RESULT kms_api_metrics_share(void);
+/* In worker idx (below KMS_CONFIG_WORKERS_MAX), after the fork: where it
+ * counts its HSM and audit work (kms_hsm_config.counters,
+ * kms_audit_config.counters). A restarted worker gets its slot back and
+ * counts on from there. NULL for both without a shared mapping (threads
+ * mode: the counters stay in the HSM handle and the audit). */
+struct kms_hsm_counters;
+struct kms_audit_counters;
+void kms_api_metrics_slot(size_t idx, struct kms_hsm_counters **hsm,
+                          struct kms_audit_counters **audit);
 
 /* --check-config: loads the server certificate and key (and checks they
  * belong together), the CA and the CRL, then drops them. */

@@ -245,11 +245,19 @@ static const double latency_buckets[] = {0.00025, 0.0005, 0.001, 0.0015, 0.002, 
                                          0.1,     0.25,   0.5,   1,      2.5,   5};
 #define BUCKETS ((int)KMS_ARRAY_LEN(latency_buckets))
 
+/* A worker process's HSM and audit counters (kms_api_metrics_slot), a
+ * cache line apart from the next worker's. */
+typedef struct {
+    _Alignas(64) kms_hsm_counters hsm;
+    kms_audit_counters audit;
+} worker_slot;
+
 typedef struct {
     _Atomic uint64_t requests[R_COUNT][STATUS_SLOTS];
     _Atomic uint64_t bucket[R_COUNT][BUCKETS + 1];
     _Atomic uint64_t sum_us[R_COUNT];
     _Atomic uint64_t auth_failures;
+    worker_slot slots[KMS_CONFIG_WORKERS_MAX];
 } metrics;
 
 /* With workers = processes:N the counters live in one anonymous shared
@@ -267,6 +275,66 @@ KMS_RESULT kms_api_metrics_share(void)
     KMS_ENSURE_MSG(p != MAP_FAILED, KMS_ERR_NO_MEMORY, "shared metrics: %s", strerror(errno));
     shared_metrics = p;
     return KMS_OK_RESULT;
+}
+
+void kms_api_metrics_slot(size_t idx, kms_hsm_counters **hsm, kms_audit_counters **audit)
+{
+    bool ok = shared_metrics != NULL && idx < KMS_CONFIG_WORKERS_MAX;
+    *hsm = ok ? &shared_metrics->slots[idx].hsm : NULL;
+    *audit = ok ? &shared_metrics->slots[idx].audit : NULL;
+}
+
+/* Every worker's HSM and audit counters (a slot each), or this process's
+ * own where there is no shared mapping. The audit's are zero when it is
+ * off. */
+typedef struct {
+    uint64_t hsm_calls, hsm_errors, hsm_ns, hsm_recoveries, cache_hits, cache_misses;
+    uint64_t records, refused, sync_ns, wait_ns;
+    uint64_t sync_bucket[KMS_AUDIT_BUCKETS + 1], wait_bucket[KMS_AUDIT_BUCKETS + 1];
+} counters_sum;
+
+static void counters_add_hsm(counters_sum *t, const kms_hsm_counters *c)
+{
+    t->hsm_calls += atomic_load(&c->calls);
+    t->hsm_errors += atomic_load(&c->errors);
+    t->hsm_ns += atomic_load(&c->ns);
+    t->hsm_recoveries += atomic_load(&c->recoveries);
+    t->cache_hits += atomic_load(&c->cache_hits);
+    t->cache_misses += atomic_load(&c->cache_misses);
+}
+
+static void counters_add_audit(counters_sum *t, const kms_audit_counters *c)
+{
+    t->records += atomic_load(&c->records);
+    t->refused += atomic_load(&c->refused);
+    t->sync_ns += atomic_load(&c->sync_ns);
+    t->wait_ns += atomic_load(&c->wait_ns);
+    for (int i = 0; i <= KMS_AUDIT_BUCKETS; i++) {
+        t->sync_bucket[i] += atomic_load(&c->sync_bucket[i]);
+        t->wait_bucket[i] += atomic_load(&c->wait_bucket[i]);
+    }
+}
+
+static void counters_total(kms *k, const kms_hsm_stats *own_hsm, counters_sum *t)
+{
+    memset(t, 0, sizeof(*t));
+    if (shared_metrics != NULL) {
+        for (size_t i = 0; i < KMS_CONFIG_WORKERS_MAX; i++) {
+            counters_add_hsm(t, &shared_metrics->slots[i].hsm);
+            counters_add_audit(t, &shared_metrics->slots[i].audit);
+        }
+        return;
+    }
+    t->hsm_calls = own_hsm->calls;
+    t->hsm_errors = own_hsm->errors;
+    t->hsm_ns = own_hsm->call_ns;
+    t->hsm_recoveries = own_hsm->recoveries;
+    t->cache_hits = own_hsm->cache_hits;
+    t->cache_misses = own_hsm->cache_misses;
+    const kms_audit_counters *ac = kms_audit_counters_of(k);
+    if (ac != NULL) {
+        counters_add_audit(t, ac);
+    }
 }
 
 /* ---- server state ---- */
@@ -1296,6 +1364,32 @@ static json_t *readiness(kms_api_server *s, int *status)
 
 /* ---- /metrics (Prometheus text exposition format 0.0.4) ---- */
 
+/* A histogram without labels in kms_audit_buckets. */
+static kms_result metrics_histogram(kms_buf *b, const char *name, const char *help,
+                                    const uint64_t bucket[KMS_AUDIT_BUCKETS + 1], uint64_t sum_ns)
+{
+    char line[256];
+    int n = snprintf(line, sizeof(line), "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+    KMS_ENSURE(n > 0 && (size_t)n < sizeof(line), KMS_ERR_INTERNAL);
+    KMS_GUARD(kms_buf_append(b, line, (size_t)n));
+    uint64_t cum = 0;
+    for (int i = 0; i <= KMS_AUDIT_BUCKETS; i++) {
+        cum += bucket[i];
+        if (i < KMS_AUDIT_BUCKETS) {
+            n = snprintf(line, sizeof(line), "%s_bucket{le=\"%g\"} %" PRIu64 "\n", name,
+                         kms_audit_buckets[i], cum);
+        } else {
+            n = snprintf(line, sizeof(line), "%s_bucket{le=\"+Inf\"} %" PRIu64 "\n", name, cum);
+        }
+        KMS_ENSURE(n > 0 && (size_t)n < sizeof(line), KMS_ERR_INTERNAL);
+        KMS_GUARD(kms_buf_append(b, line, (size_t)n));
+    }
+    n = snprintf(line, sizeof(line), "%s_sum %.6f\n%s_count %" PRIu64 "\n", name,
+                 (double)sum_ns / 1e9, name, cum);
+    KMS_ENSURE(n > 0 && (size_t)n < sizeof(line), KMS_ERR_INTERNAL);
+    return kms_buf_append(b, line, (size_t)n);
+}
+
 static kms_result metrics_text(kms_api_server *s, kms_buf *b)
 {
     char line[512];
@@ -1343,25 +1437,46 @@ static kms_result metrics_text(kms_api_server *s, kms_buf *b)
          atomic_load(&s->m->auth_failures));
     kms_stats st;
     if (kms_is_ok(kms_stats_get(s->k, &st))) {
+        /* Every worker's (counters_total), not only this one's. */
+        counters_sum t;
+        counters_total(s->k, &st.hsm, &t);
         EMIT("# HELP kmsd_hsm_calls_total PKCS#11 calls made.\n# TYPE kmsd_hsm_calls_total "
              "counter\nkmsd_hsm_calls_total %" PRIu64 "\n",
-             st.hsm.calls);
+             t.hsm_calls);
         EMIT("# HELP kmsd_hsm_errors_total PKCS#11 calls that failed.\n# TYPE "
              "kmsd_hsm_errors_total counter\nkmsd_hsm_errors_total %" PRIu64 "\n",
-             st.hsm.errors);
+             t.hsm_errors);
         EMIT("# HELP kmsd_hsm_call_seconds_total Time spent inside PKCS#11 calls.\n# TYPE "
              "kmsd_hsm_call_seconds_total counter\nkmsd_hsm_call_seconds_total %.6f\n",
-             (double)st.hsm.call_ns / 1e9);
+             (double)t.hsm_ns / 1e9);
         EMIT("# HELP kmsd_hsm_recoveries_total HSM session pool re-initialisations.\n# TYPE "
              "kmsd_hsm_recoveries_total counter\nkmsd_hsm_recoveries_total %" PRIu64 "\n",
-             st.hsm.recoveries);
+             t.hsm_recoveries);
         EMIT("# HELP kmsd_hsm_cache_hits_total Version secrets found in the handle cache.\n"
              "# TYPE kmsd_hsm_cache_hits_total counter\nkmsd_hsm_cache_hits_total %" PRIu64 "\n",
-             st.hsm.cache_hits);
+             t.cache_hits);
         EMIT("# HELP kmsd_hsm_cache_misses_total Version secrets unwrapped into the HSM.\n"
              "# TYPE kmsd_hsm_cache_misses_total counter\nkmsd_hsm_cache_misses_total "
              "%" PRIu64 "\n",
-             st.hsm.cache_misses);
+             t.cache_misses);
+        if (kms_audit_enabled(s->k)) {
+            EMIT("# HELP kmsd_audit_records_total Audit records written to the journal.\n"
+                 "# TYPE kmsd_audit_records_total counter\nkmsd_audit_records_total "
+                 "%" PRIu64 "\n",
+                 t.records);
+            EMIT("# HELP kmsd_audit_refused_total Audit records whose write or sync failed "
+                 "(their requests were refused).\n# TYPE kmsd_audit_refused_total counter\n"
+                 "kmsd_audit_refused_total %" PRIu64 "\n",
+                 t.refused);
+            KMS_GUARD(metrics_histogram(b, "kmsd_audit_sync_seconds",
+                                        "Time of each sync of the audit journal.", t.sync_bucket,
+                                        t.sync_ns));
+            KMS_GUARD(metrics_histogram(
+                b, "kmsd_audit_durable_wait_seconds",
+                "Per record, from its submission until it was durable: what the audit trail "
+                "adds to an answer.",
+                t.wait_bucket, t.wait_ns));
+        }
         EMIT("# HELP kmsd_keys Keys in the store.\n# TYPE kmsd_keys gauge\nkmsd_keys %zu\n",
              st.keys);
         EMIT("# HELP kmsd_keys_due Keys inside their rotation warning window.\n# TYPE "

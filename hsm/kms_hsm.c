@@ -353,7 +353,7 @@ static KMS_RESULT hsm_recover(kms_hsm *h)
     if (kms_is_ok(r)) {
         atomic_store(&h->need_reinit, 0);
         atomic_store(&h->broken, 0);
-        atomic_fetch_add(&h->recoveries, 1);
+        atomic_fetch_add(&h->p11.c->recoveries, 1);
         h->backoff_ns = HSM_BACKOFF_MIN_NS;
         h->next_attempt_ns = 0;
     } else {
@@ -955,6 +955,8 @@ static KMS_RESULT hsm_secret_get(kms_hsm *h, const kms_hsm_key_ref *ref, kms_hsm
     kms_hsm_lru_entry *e;
     bool claimed;
     KMS_GUARD(kms_hsm_lru_acquire(h->cache, ref->uid, &e, &claimed));
+    atomic_fetch_add_explicit(claimed ? &h->p11.c->cache_misses : &h->p11.c->cache_hits, 1,
+                              memory_order_relaxed);
     if (!claimed) {
         if (kms_hsm_lru_entry_type(e) != ref->type) {
             kms_hsm_lru_release(h->cache, e, false);
@@ -1262,6 +1264,7 @@ KMS_RESULT kms_hsm_open(const kms_hsm_config *cfg, kms_hsm **out)
                    "exactly one of pin_file and pin_env must be set");
     kms_hsm *h = calloc(1, sizeof(*h));
     KMS_ENSURE(h != NULL, KMS_ERR_NO_MEMORY);
+    h->p11.c = cfg->counters != NULL ? cfg->counters : &h->own_counters;
     h->owner = CK_INVALID_HANDLE;
     h->backoff_ns = HSM_BACKOFF_MIN_NS;
     pthread_rwlockattr_t ra;
@@ -1347,14 +1350,15 @@ KMS_RESULT kms_hsm_object_count(kms_hsm *h, size_t *count)
 void kms_hsm_stats_get(kms_hsm *h, kms_hsm_stats *out)
 {
     memset(out, 0, sizeof(*out));
-    out->calls = atomic_load(&h->p11.calls);
-    out->errors = atomic_load(&h->p11.errors);
-    out->call_ns = atomic_load(&h->p11.ns);
-    out->recoveries = atomic_load(&h->recoveries);
+    const kms_hsm_counters *c = h->p11.c;
+    out->calls = atomic_load(&c->calls);
+    out->errors = atomic_load(&c->errors);
+    out->call_ns = atomic_load(&c->ns);
+    out->recoveries = atomic_load(&c->recoveries);
+    out->cache_hits = atomic_load(&c->cache_hits);
+    out->cache_misses = atomic_load(&c->cache_misses);
     kms_hsm_lru_stats cs;
     kms_hsm_lru_stats_get(h->cache, &cs);
-    out->cache_hits = cs.hits;
-    out->cache_misses = cs.misses;
     out->cache_evictions = cs.evictions;
     out->cache_size = cs.size;
     pthread_mutex_lock(&h->pool_mu);

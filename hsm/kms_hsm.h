@@ -31,6 +31,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 #define KMS_HSM_ID_BYTES    16 /* CKA_ID of a master key */
@@ -43,6 +44,21 @@
 #define KMS_HSM_WRAPPED_MAX_BYTES 512
 
 typedef struct kms_hsm kms_hsm;
+
+/* What a kms_hsm counts, only ever increased. It keeps them in its own
+ * handle unless kms_hsm_config.counters points elsewhere: kmsd's worker
+ * processes count into a slot each of one shared mapping, so that /metrics
+ * adds up every worker's and a restarted worker goes on from its slot.
+ * Lock-free 64-bit atomics are address-free, so this works across
+ * processes. */
+typedef struct kms_hsm_counters {
+    _Atomic uint64_t calls;        /* PKCS#11 calls made */
+    _Atomic uint64_t errors;       /* calls that returned other than CKR_OK */
+    _Atomic uint64_t ns;           /* time inside PKCS#11 calls */
+    _Atomic uint64_t recoveries;   /* pool re-initialisations */
+    _Atomic uint64_t cache_hits;   /* version secret found in the cache */
+    _Atomic uint64_t cache_misses; /* version secret unwrapped */
+} kms_hsm_counters;
 
 typedef struct {
     /* p11-kit module name (as in p11-kit's config) or an absolute path. */
@@ -61,6 +77,9 @@ typedef struct {
     unsigned pool_size;
     /* Unwrapped version secrets kept as session objects (default 4096). */
     size_t cache_capacity;
+    /* Where to count (see kms_hsm_counters); NULL: in the handle. Must
+     * outlive the handle. */
+    kms_hsm_counters *counters;
 } kms_hsm_config;
 
 KMS_RESULT kms_hsm_open(const kms_hsm_config *cfg, kms_hsm **out);
@@ -173,6 +192,9 @@ KMS_RESULT kms_hsm_signkey_sign(kms_hsm *hsm, const uint8_t id[KMS_HSM_ID_BYTES]
 
 /* ---- observation ---- */
 
+/* Counters as kms_hsm_counters says (a shared slot counts every process
+ * that used it); cache_evictions, cache_size and sessions_open are this
+ * process's. */
 typedef struct {
     uint64_t calls;        /* PKCS#11 calls made */
     uint64_t errors;       /* calls that returned other than CKR_OK */

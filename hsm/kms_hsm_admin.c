@@ -101,7 +101,8 @@ KMS_RESULT kms_hsm_token_init(const char *module, const char *label, const kms_b
     KMS_ENSURE_MSG(*label != '\0' && strlen(label) <= HSM_LABEL_BYTES, KMS_ERR_INVALID_ARGUMENT,
                    "token label must be 1 to 32 bytes");
     KMS_ENSURE_MSG(so_pin->len > 0 && user_pin->len > 0, KMS_ERR_INVALID_ARGUMENT, "empty PIN");
-    kms_p11 p11 = {.f = admin_module_load(module)};
+    kms_hsm_counters counted = {0}; /* the seam counts every call; nobody reads these */
+    kms_p11 p11 = {.f = admin_module_load(module), .c = &counted};
     KMS_ENSURE_MSG(p11.f != NULL, KMS_ERR_HSM_MODULE, "cannot load PKCS#11 module: %s",
                    p11_kit_message() ? p11_kit_message() : "unknown error");
     CK_C_INITIALIZE_ARGS args = {.flags = CKF_OS_LOCKING_OK};
@@ -171,7 +172,8 @@ static KMS_RESULT admin_token_list(kms_p11 *p11, kms_hsm_token_info **tokens, si
 KMS_RESULT kms_hsm_token_list(const char *module, kms_hsm_token_info **tokens, size_t *count)
 {
     KMS_ENSURE(module != NULL && tokens != NULL && count != NULL, KMS_ERR_INVALID_ARGUMENT);
-    kms_p11 p11 = {.f = admin_module_load(module)};
+    kms_hsm_counters counted = {0}; /* the seam counts every call; nobody reads these */
+    kms_p11 p11 = {.f = admin_module_load(module), .c = &counted};
     KMS_ENSURE_MSG(p11.f != NULL, KMS_ERR_HSM_MODULE, "cannot load PKCS#11 module: %s",
                    p11_kit_message() ? p11_kit_message() : "unknown error");
     CK_C_INITIALIZE_ARGS args = {.flags = CKF_OS_LOCKING_OK};

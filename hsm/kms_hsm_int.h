@@ -14,6 +14,7 @@ typedef struct kms_hsm_master kms_hsm_master;
 
 struct kms_hsm {
     kms_p11 p11;
+    kms_hsm_counters own_counters; /* unless kms_hsm_config.counters */
     P11KitUri *uri;
     char *pin_file;
     kms_buf pin_kept;           /* only when the PIN came from the (now unset) environment */
@@ -34,7 +35,6 @@ struct kms_hsm {
     pthread_mutex_t recover_mu;
     uint64_t next_attempt_ns; /* under recover_mu */
     uint64_t backoff_ns;
-    _Atomic uint64_t recoveries;
 
     /* Session pool: one session per operation at a time. */
     pthread_mutex_t pool_mu;

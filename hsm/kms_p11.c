@@ -18,10 +18,10 @@ static uint64_t p11_now_ns(void)
 
 static CK_RV p11_account(kms_p11 *p, uint64_t t0, CK_RV rv)
 {
-    atomic_fetch_add_explicit(&p->ns, p11_now_ns() - t0, memory_order_relaxed);
-    atomic_fetch_add_explicit(&p->calls, 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&p->c->ns, p11_now_ns() - t0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&p->c->calls, 1, memory_order_relaxed);
     if (rv != CKR_OK)
-        atomic_fetch_add_explicit(&p->errors, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&p->c->errors, 1, memory_order_relaxed);
     return rv;
 }
 

@@ -8,6 +8,7 @@
 #ifndef KMS_P11_H
 #define KMS_P11_H
 
+#include "kms_hsm.h"
 #include "kms_result.h"
 
 #include <p11-kit/pkcs11.h>
@@ -18,9 +19,7 @@
 
 typedef struct {
     CK_FUNCTION_LIST *f;
-    _Atomic uint64_t calls;
-    _Atomic uint64_t errors;
-    _Atomic uint64_t ns;
+    kms_hsm_counters *c; /* every call is counted and timed here */
 } kms_p11;
 
 /* What the call was doing, where that changes the meaning of a CK_RV. */

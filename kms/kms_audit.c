@@ -60,6 +60,7 @@ typedef struct audit_waiter {
     kms_audit_done_fn done; /* called once, on the syncer thread (or on the writer's, if the
                                write fails) */
     void *arg;
+    uint64_t submitted_ns; /* CLOCK_MONOTONIC, for kms_audit_counters.wait_* */
     struct audit_waiter *next;
 } audit_waiter;
 
@@ -110,7 +111,46 @@ struct kms_audit {
     _Atomic uint64_t n_ingests, n_ingested;
     /* Serialises signing and pruning of this process. */
     pthread_mutex_t sign_mu;
+    kms_audit_counters own_counters;
+    kms_audit_counters *c; /* own_counters unless the configuration names others */
 };
+
+const double kms_audit_buckets[KMS_AUDIT_BUCKETS] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                                     0.01,   0.025,   0.05,   0.1,   0.25,   1};
+
+static uint64_t audit_mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static void audit_observe(_Atomic uint64_t *sum_ns, _Atomic uint64_t *bucket, uint64_t ns)
+{
+    size_t i = 0;
+    while (i < KMS_AUDIT_BUCKETS && (double)ns > kms_audit_buckets[i] * 1e9)
+        i++;
+    atomic_fetch_add_explicit(&bucket[i], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(sum_ns, ns, memory_order_relaxed);
+}
+
+/* Counts what the trail cost the records of a sync: the sync's time and
+ * each record's wait. */
+static void audit_count_sync(struct kms_audit *a, audit_waiter *list, uint64_t t0, uint64_t t1)
+{
+    kms_audit_counters *c = a->c;
+    audit_observe(&c->sync_ns, c->sync_bucket, t1 - t0);
+    for (audit_waiter *w = list; w != NULL; w = w->next)
+        audit_observe(&c->wait_ns, c->wait_bucket, t1 > w->submitted_ns ? t1 - w->submitted_ns : 0);
+}
+
+static void audit_count_refused(struct kms_audit *a, const audit_waiter *list)
+{
+    uint64_t n = 0;
+    for (const audit_waiter *w = list; w != NULL; w = w->next)
+        n++;
+    atomic_fetch_add_explicit(&a->c->refused, n, memory_order_relaxed);
+}
 
 static KMS_RESULT audit_ingest(kms *k);
 
@@ -990,6 +1030,7 @@ static bool audit_write_queued(kms *k, audit_batch *b)
     if (kms_is_ok(r)) {
         atomic_fetch_add_explicit(&a->n_commits, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&a->n_records, b->count, memory_order_relaxed);
+        atomic_fetch_add_explicit(&a->c->records, b->count, memory_order_relaxed);
     } else {
         /* Visible to kms_audit_ready before any waiter learns of it. */
         pthread_mutex_lock(&a->mu);
@@ -997,6 +1038,7 @@ static bool audit_write_queued(kms *k, audit_batch *b)
         pthread_mutex_unlock(&a->mu);
         fprintf(stderr, "kmsd: audit: writing %zu record(s) failed: %s (%s)\n", b->count,
                 kms_error_code(r.err), kms_error_detail());
+        audit_count_refused(a, b->list);
         audit_release(b->list, KMS_ERR_AUDIT_UNAVAILABLE);
     }
     b->list = NULL;
@@ -1084,11 +1126,10 @@ static void *audit_syncer(void *argp)
         size_t n = 0;
         for (audit_waiter *w = list; w != NULL; w = w->next)
             n++;
-        struct timespec t0, t1;
-        clock_gettime(CLOCK_MONOTONIC, &t0);
+        uint64_t t0 = audit_mono_ns();
         kms_result r = kms_journal_sync(a->journal);
-        clock_gettime(CLOCK_MONOTONIC, &t1);
-        int64_t took = (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+        uint64_t t1 = audit_mono_ns();
+        int64_t took = (int64_t)(t1 - t0);
         atomic_fetch_add_explicit(&a->n_syncs, 1, memory_order_relaxed);
 
         pthread_mutex_lock(&a->mu);
@@ -1102,6 +1143,7 @@ static void *audit_syncer(void *argp)
                 pthread_cond_signal(&a->ingest_cv);
             a->to_ingest += n;
             pthread_mutex_unlock(&a->mu);
+            audit_count_sync(a, list, t0, t1);
             audit_release(list, KMS_OK);
             audit_maybe_sign(k, n);
         } else {
@@ -1113,6 +1155,8 @@ static void *audit_syncer(void *argp)
             pthread_mutex_unlock(&a->mu);
             fprintf(stderr, "kmsd: audit: syncing %zu record(s) failed: %s (%s)\n", n,
                     kms_error_code(r.err), kms_error_detail());
+            audit_count_refused(a, list);
+            audit_count_refused(a, more);
             audit_release(list, KMS_ERR_AUDIT_UNAVAILABLE);
             audit_release(more, KMS_ERR_AUDIT_UNAVAILABLE);
         }
@@ -1192,7 +1236,7 @@ static KMS_RESULT audit_submit(kms *k, kms_audit_record *r, bool announced, kms_
         r->time = kms_now(k);
     audit_waiter *w = malloc(sizeof(*w));
     KMS_ENSURE(w != NULL, KMS_ERR_NO_MEMORY);
-    *w = (audit_waiter){.rec = r, .done = done, .arg = arg};
+    *w = (audit_waiter){.rec = r, .done = done, .arg = arg, .submitted_ns = audit_mono_ns()};
     pthread_mutex_lock(&a->mu);
     if (announced && a->outstanding > 0)
         a->outstanding--;
@@ -1352,6 +1396,11 @@ bool kms_audit_enabled(kms *k)
     return k->audit != NULL && k->audit->cfg.enabled;
 }
 
+const kms_audit_counters *kms_audit_counters_of(kms *k)
+{
+    return k != NULL && kms_audit_enabled(k) ? k->audit->c : NULL;
+}
+
 /* Opens the store's journal, rebuilds its header if it may be stale, and
  * moves whatever an earlier run left in it into the store, so that the
  * store is whole before the first request. */
@@ -1380,6 +1429,7 @@ KMS_RESULT kms_audit_start(kms *k, const kms_audit_config *cfg)
     struct kms_audit *a = calloc(1, sizeof(*a));
     KMS_ENSURE(a != NULL, KMS_ERR_NO_MEMORY);
     a->cfg = *cfg;
+    a->c = cfg->counters != NULL ? cfg->counters : &a->own_counters;
     if (a->cfg.sign_every_records == 0)
         a->cfg.sign_every_records = AUDIT_SIGN_EVERY_N;
     if (a->cfg.sign_every_s == 0)

@@ -26,6 +26,7 @@
 
 #include "kms.h"
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -67,12 +68,34 @@ typedef struct {
     uint8_t hash[KMS_AUDIT_HASH_BYTES];
 } kms_audit_record;
 
+/* Upper bounds (seconds) of the histogram buckets of kms_audit_counters;
+ * a last bucket takes what is above. */
+#define KMS_AUDIT_BUCKETS 12
+extern const double kms_audit_buckets[KMS_AUDIT_BUCKETS];
+
+/* What the durable trail costs, only ever increased: records written,
+ * journal syncs and their time, records refused because their write or
+ * sync failed, and per record the wait from its submission until it was
+ * durable (the latency the trail adds to an answer). Kept in the audit's
+ * own state unless kms_audit_config.counters points elsewhere (kmsd's
+ * worker processes count into a slot each of one shared mapping, as
+ * kms_hsm_counters). */
+typedef struct kms_audit_counters {
+    _Atomic uint64_t records;
+    _Atomic uint64_t refused;
+    _Atomic uint64_t sync_ns;
+    _Atomic uint64_t sync_bucket[KMS_AUDIT_BUCKETS + 1];
+    _Atomic uint64_t wait_ns;
+    _Atomic uint64_t wait_bucket[KMS_AUDIT_BUCKETS + 1];
+} kms_audit_counters;
+
 typedef struct {
     bool enabled;                /* false: audit off (benchmarks only, docs/audit.md) */
     uint32_t sign_every_records; /* sign the head after this many records; 0 = 10000 */
     int64_t sign_every_s;        /* ... or this many seconds; 0 = 300 */
     int64_t retention_s;         /* records older than this may be pruned; 0 = keep forever */
     uint64_t journal_bytes;      /* size of the store's audit journal; 0 = 8 MiB, at least 64 KiB */
+    kms_audit_counters *counters; /* where to count; NULL: in the audit's state. Must outlive it */
 } kms_audit_config;
 
 /* Starts the audit of this kms instance: finds (or on first start creates)
@@ -84,6 +107,8 @@ KMS_RESULT kms_audit_start(kms *k, const kms_audit_config *cfg);
 /* Drains the queue and stops the committer. kms_close calls it. */
 void kms_audit_stop(kms *k);
 bool kms_audit_enabled(kms *k);
+/* The counters of a started, enabled audit; NULL otherwise. */
+const kms_audit_counters *kms_audit_counters_of(kms *k);
 
 /* Moves every record journaled by any process into the store (readers of
  * the trail and kms_backup do this first). A no-op when the audit is off

@@ -176,8 +176,14 @@ static void *scheduler_main(void *arg)
 /* ---- one serving process ---- */
 
 static int run_worker(const kms_daemon_config *cfg, const int *fds, size_t nfds, unsigned threads,
-                      bool run_scheduler, int ready_fd)
+                      size_t idx, int ready_fd)
 {
+    /* Worker idx counts its HSM and audit work in its slot of the shared
+     * metrics (processes mode), so that /metrics adds up every worker's. */
+    struct kms_hsm_counters *hsm_counters;
+    struct kms_audit_counters *audit_counters;
+    kms_api_metrics_slot(idx, &hsm_counters, &audit_counters);
+    bool run_scheduler = idx == 0;
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGHUP);
@@ -197,6 +203,7 @@ static int run_worker(const kms_daemon_config *cfg, const int *fds, size_t nfds,
                 .pin_env = cfg->hsm_pin_env[0] ? cfg->hsm_pin_env : NULL,
                 .pool_size = cfg->hsm_pool_size,
                 .cache_capacity = cfg->hsm_cache_capacity,
+                .counters = hsm_counters,
             },
         .default_rotation_period_s = cfg->rotation_period_s,
         .default_warning_window_s = cfg->warning_window_s,
@@ -211,7 +218,8 @@ static int run_worker(const kms_daemon_config *cfg, const int *fds, size_t nfds,
     kms_audit_config ac = {.enabled = cfg->audit != 0,
                            .sign_every_records = cfg->audit_sign_every,
                            .sign_every_s = cfg->audit_sign_interval_s,
-                           .retention_s = cfg->audit_retention_s};
+                           .retention_s = cfg->audit_retention_s,
+                           .counters = audit_counters};
     r = kms_audit_start(k, &ac);
     if (!kms_is_ok(r)) {
         die_result(r, "starting the audit trail");
@@ -315,7 +323,7 @@ static pid_t spawn(const kms_daemon_config *cfg, const int *fds, size_t nfds, si
                 close(fds[i]);
             }
         }
-        _exit(run_worker(cfg, fds + idx * nl, nl, cfg->process_threads, idx == 0, p[1]));
+        _exit(run_worker(cfg, fds + idx * nl, nl, cfg->process_threads, idx, p[1]));
     }
     close(p[1]);
     if (pid < 0) {
@@ -556,7 +564,7 @@ int main(int argc, char **argv)
     }
     if (cfg.workers_mode == KMS_WORKERS_THREADS) {
         /* The server owns the sockets from here and closes them. */
-        return run_worker(&cfg, fds, nfds, cfg.workers, true, -1);
+        return run_worker(&cfg, fds, nfds, cfg.workers, 0, -1);
     }
     r = kms_api_metrics_share();
     if (!kms_is_ok(r)) {

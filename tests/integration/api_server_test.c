@@ -154,6 +154,12 @@ static void test_health_and_metrics(void **state)
     assert_non_null(strstr(r.body, "kmsd_keys_overdue"));
     assert_non_null(strstr(r.body, "\nkmsd_store_used_bytes "));
     assert_non_null(strstr(r.body, "\nkmsd_store_limit_bytes "));
+    /* The durable trail's cost: the healthz and readyz above were audited. */
+    assert_non_null(strstr(r.body, "\nkmsd_audit_sync_seconds_bucket{le=\"+Inf\"} "));
+    assert_true(strtol(strstr(r.body, "\nkmsd_audit_durable_wait_seconds_count ") +
+                           strlen("\nkmsd_audit_durable_wait_seconds_count "),
+                       NULL, 10) >= 2);
+    assert_non_null(strstr(r.body, "\nkmsd_audit_refused_total 0\n"));
     api_resp_free(&r);
     call_expect("app", "GET", "/metrics", NULL, 403, "forbidden");
     /* The same over IPv6 loopback, where the host has it. */
@@ -1316,6 +1322,41 @@ static void test_workers_share_connections(void **state)
     call_expect("app", "GET", "/healthz", NULL, 200, NULL);
 }
 
+/* /metrics adds up every worker's HSM and audit counters, whichever worker
+ * answers the scrape: before, each worker reported its own, so that a
+ * counter went down and up between scrapes answered by different workers.
+ * Every call below is a new connection, which the kernel gives to either
+ * worker; each scrape must count all 24 wraps. */
+static void test_workers_metrics_add_up(void **state)
+{
+    (void)state;
+    assert_int_equal(api_fixture_start(&F, "workers = processes:2\n"), 0);
+    int kids[2];
+    two_workers(kids);
+    call_expect("admin", "POST", "/v1/keys", "{\"name\":\"app-sum\",\"purpose\":\"encrypt\"}", 201,
+                NULL);
+    enum { WRAPS = 24 };
+    for (int i = 0; i < WRAPS; i++) {
+        call_expect("app", "POST", "/v1/keys/app-sum/wrap", "{\"plaintext\":\"AAAA\"}", 200, NULL);
+    }
+    long last_calls = 0, last_records = 0;
+    for (int i = 0; i < 6; i++) {
+        long hits = metric_value("\nkmsd_hsm_cache_hits_total ");
+        long misses = metric_value("\nkmsd_hsm_cache_misses_total ");
+        long calls = metric_value("\nkmsd_hsm_calls_total ");
+        long records = metric_value("\nkmsd_audit_records_total ");
+        long waits = metric_value("\nkmsd_audit_durable_wait_seconds_count ");
+        print_message("scrape %d: cache %ld + %ld, calls %ld, records %ld, waits %ld\n", i, hits,
+                      misses, calls, records, waits);
+        assert_true(hits + misses >= WRAPS);
+        assert_true(calls >= 2 * WRAPS); /* C_EncryptInit and C_Encrypt per wrap */
+        assert_true(records >= WRAPS + 1 && waits >= WRAPS + 1);
+        assert_true(calls >= last_calls && records >= last_records);
+        last_calls = calls;
+        last_records = records;
+    }
+}
+
 /* A supervisor killed with SIGKILL cannot forward anything: its workers
  * notice (PR_SET_PDEATHSIG) and stop by themselves. */
 static void test_supervisor_killed(void **state)
@@ -1452,6 +1493,7 @@ int main(void)
         cmocka_unit_test(test_sigterm_under_load),
         cmocka_unit_test(test_processes_mode),
         cmocka_unit_test(test_workers_share_connections),
+        cmocka_unit_test(test_workers_metrics_add_up),
         cmocka_unit_test(test_supervisor_killed),
         cmocka_unit_test(test_batch_own_thread),
         cmocka_unit_test(test_held_thread_spills),
