@@ -224,7 +224,25 @@ typedef struct {
     double le[HTTP_SRV_BUCKETS];
     double cum[HTTP_SRV_BUCKETS];
     unsigned n;
+    /* The audit trail's counters of the same scrape (all 0 with it off):
+     * records written, journal syncs and their seconds, records made
+     * durable and their seconds of waiting. */
+    double records, syncs, sync_s, waits, wait_s;
 } srv_hist;
+
+/* The value of a series without labels, "name value"; 0 if absent. */
+static double metric_plain(const char *text, const char *name)
+{
+    size_t nl = strlen(name);
+    for (const char *p = text; p != NULL && *p != '\0';) {
+        if (strncmp(p, name, nl) == 0 && p[nl] == ' ') {
+            return strtod(p + nl + 1, NULL);
+        }
+        p = strchr(p, '\n');
+        p = p != NULL ? p + 1 : NULL;
+    }
+    return 0;
+}
 
 /* Reads route's kmsd_http_request_duration_seconds buckets from /metrics
  * (admin or auditor role). The worker processes share the histogram, so
@@ -257,6 +275,11 @@ static int srv_hist_get(http_client *mc, const char *base, const char *route, sr
         }
         p = eol != NULL ? eol + 1 : NULL;
     }
+    h->records = metric_plain(mc->resp, "kmsd_audit_records_total");
+    h->syncs = metric_plain(mc->resp, "kmsd_audit_sync_seconds_count");
+    h->sync_s = metric_plain(mc->resp, "kmsd_audit_sync_seconds_sum");
+    h->waits = metric_plain(mc->resp, "kmsd_audit_durable_wait_seconds_count");
+    h->wait_s = metric_plain(mc->resp, "kmsd_audit_durable_wait_seconds_sum");
     return h->n > 0 && isinf(h->le[h->n - 1]) ? 0 : -1;
 }
 
@@ -509,6 +532,10 @@ typedef struct {
     double srv_floor_ms;     /* the lower bound of its bucket */
     double bg_items;         /* --background-batch: items rewrapped beside it; < 0: none */
     double bg_items_s;       /* the same per second of the cell (pool_finish) */
+    /* The audit trail during the cell (from /metrics; syncs 0: off or not
+     * measured): records written, syncs and seconds in them, records made
+     * durable and their seconds of waiting. */
+    double au_records, au_syncs, au_sync_s, au_waits, au_wait_s;
     unsigned rounds;
     double p50s[KMS_BENCH_ROUNDS_MAX], p99s[KMS_BENCH_ROUNDS_MAX];
     double srv_p99s[KMS_BENCH_ROUNDS_MAX], srv_floors[KMS_BENCH_ROUNDS_MAX];
@@ -645,6 +672,13 @@ static int load_measure(const kms_bench_opts *o, http_op op, unsigned conns, con
     res->bg_items = bg ? bg_items : -1;
     res->srv_floor_ms = -1;
     res->srv_p99_ms = have_h1 ? srv_p99_ms(&h0, &h1, &res->srv_floor_ms) : -1;
+    if (have_h1) {
+        res->au_records = h1.records - h0.records;
+        res->au_syncs = h1.syncs - h0.syncs;
+        res->au_sync_s = h1.sync_s - h0.sync_s;
+        res->au_waits = h1.waits - h0.waits;
+        res->au_wait_s = h1.wait_s - h0.wait_s;
+    }
     if (errors > 0) {
         fprintf(stderr, "kms-bench: %s at %u connections: %llu failed requests (last status %ld)\n",
                 http_op_names[op], conns, (unsigned long long)errors, bad);
@@ -842,6 +876,16 @@ static void report(const kms_bench_opts *o, const http_result *res, size_t n,
             if (res[i].bg_items_s >= 0) {
                 json_object_set_new(r, "background_items_per_s", json_real(res[i].bg_items_s));
             }
+            if (res[i].au_syncs > 0 && res[i].elapsed_s > 0) {
+                json_object_set_new(
+                    r, "audit",
+                    json_pack("{s:f, s:f, s:f, s:f}", "records_per_s",
+                              res[i].au_records / res[i].elapsed_s, "syncs_per_s",
+                              res[i].au_syncs / res[i].elapsed_s, "mean_sync_ms",
+                              res[i].au_sync_s * 1e3 / res[i].au_syncs, "mean_durable_wait_ms",
+                              res[i].au_waits > 0 ? res[i].au_wait_s * 1e3 / res[i].au_waits
+                                                  : 0.0));
+            }
             json_array_append_new(arr, r);
         }
         json_object_set_new(j, "results", arr);
@@ -909,6 +953,27 @@ static void report(const kms_bench_opts *o, const http_result *res, size_t n,
                http_op_names[res[i].op], res[i].conns, res[i].req_s, res[i].items_s, res[i].p50_ms,
                res[i].p99_ms, (unsigned long long)res[i].errors, cpu, srv, bgi);
     }
+    bool audited = false;
+    for (size_t i = 0; i < n; i++) {
+        audited = audited || res[i].au_syncs > 0;
+    }
+    if (audited) {
+        /* What each cell's answers waited for: the journal's syncs (the
+         * scrapes around the cell are audited too, a few records). */
+        printf("\n| operation | connections | audit records/s | syncs/s | records per sync | "
+               "mean sync ms | mean durable wait ms |\n");
+        printf("|---|---:|---:|---:|---:|---:|---:|\n");
+        for (size_t i = 0; i < n; i++) {
+            const http_result *r = &res[i];
+            if (r->au_syncs <= 0 || r->elapsed_s <= 0) {
+                continue;
+            }
+            printf("| %s | %u | %.0f | %.0f | %.1f | %.3f | %.3f |\n", http_op_names[r->op],
+                   r->conns, r->au_records / r->elapsed_s, r->au_syncs / r->elapsed_s,
+                   r->au_records / r->au_syncs, r->au_sync_s * 1e3 / r->au_syncs,
+                   r->au_waits > 0 ? r->au_wait_s * 1e3 / r->au_waits : 0.0);
+        }
+    }
     if (have_raw) {
         printf("\nraw PKCS#11 baseline on the same token: encrypt %.0f ops/s (1 thread), %.0f (2 "
                "threads); decrypt %.0f, %.0f\n",
@@ -955,6 +1020,11 @@ static void pool_add(http_result *acc, const http_result *one)
         acc->cpu_s = acc->cpu_s >= 0 && one->cpu_s >= 0 ? acc->cpu_s + one->cpu_s : -1;
         acc->bg_items =
             acc->bg_items >= 0 && one->bg_items >= 0 ? acc->bg_items + one->bg_items : -1;
+        acc->au_records += one->au_records;
+        acc->au_syncs += one->au_syncs;
+        acc->au_sync_s += one->au_sync_s;
+        acc->au_waits += one->au_waits;
+        acc->au_wait_s += one->au_wait_s;
     }
     acc->p50s[acc->rounds] = one->p50_ms;
     acc->p99s[acc->rounds] = one->p99_ms;
