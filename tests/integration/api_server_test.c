@@ -160,6 +160,11 @@ static void test_health_and_metrics(void **state)
                            strlen("\nkmsd_audit_durable_wait_seconds_count "),
                        NULL, 10) >= 2);
     assert_non_null(strstr(r.body, "\nkmsd_audit_refused_total 0\n"));
+    const char *inf = strstr(r.body, "\nkmsd_audit_durable_wait_seconds_bucket{le=\"+Inf\"} ");
+    const char *cnt = strstr(r.body, "\nkmsd_audit_durable_wait_seconds_count ");
+    assert_true(inf != NULL && cnt != NULL);
+    assert_int_equal(strtol(strchr(inf, '}') + 2, NULL, 10),
+                     strtol(cnt + strlen("\nkmsd_audit_durable_wait_seconds_count "), NULL, 10));
     api_resp_free(&r);
     call_expect("app", "GET", "/metrics", NULL, 403, "forbidden");
     /* The same over IPv6 loopback, where the host has it. */
@@ -997,6 +1002,10 @@ static void test_processes_mode(void **state)
         sleep_ms(100);
     }
     assert_true(log_contains("2 workers serving"));
+    /* Counters are every worker's, kept in shared slots: a worker killed
+     * and restarted counts on from its slot, so they never go down. */
+    long calls_before = metric_value("\nkmsd_hsm_calls_total ");
+    long syncs_before = metric_value("\nkmsd_audit_sync_seconds_count ");
     char path[128];
     snprintf(path, sizeof(path), "/proc/%d/task/%d/children", (int)F.pid, (int)F.pid);
     FILE *fp = fopen(path, "r");
@@ -1021,6 +1030,10 @@ static void test_processes_mode(void **state)
     assert_int_equal(ok, 20);
     if (child > 0) {
         assert_true(log_contains("restarting"));
+    }
+    for (int i = 0; i < 4; i++) {
+        assert_true(metric_value("\nkmsd_hsm_calls_total ") >= calls_before + 2 * 20);
+        assert_true(metric_value("\nkmsd_audit_sync_seconds_count ") > syncs_before);
     }
     kill(F.pid, SIGHUP);
     sleep_ms(300);
