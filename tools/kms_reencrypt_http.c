@@ -3,6 +3,7 @@
  */
 #define _GNU_SOURCE
 #include "kms_reencrypt_http.h"
+#include "kms_curl_cut.h"
 
 #include "kms_buf.h"
 #include "kms_error.h"
@@ -194,13 +195,9 @@ static bool curl_transient(CURLcode rc, const char *detail)
 {
     switch (rc) {
     case CURLE_SSL_CONNECT_ERROR:
-        /* A handshake cut by a server going down or coming up (reset,
-         * EOF, or a broken pipe: a stopping kmsd closes a connection it
-         * has just accepted, and the client's next write after the reset
-         * fails with EPIPE) is transient; a refused certificate is not. */
-        return strstr(detail, "reset by peer") != NULL || strstr(detail, "SYSCALL") != NULL ||
-               strstr(detail, "unexpected eof") != NULL || strstr(detail, "EOF") != NULL ||
-               strstr(detail, "refused") != NULL || strstr(detail, "Broken pipe") != NULL;
+        /* A handshake cut by a server going down, coming up or at its
+         * connection limit is transient; a refused certificate is not. */
+        return kms_curl_handshake_cut(detail);
     case CURLE_COULDNT_CONNECT:
     case CURLE_OPERATION_TIMEDOUT:
     case CURLE_GOT_NOTHING:

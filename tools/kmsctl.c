@@ -17,6 +17,7 @@
 #define _GNU_SOURCE
 #include "kms_base64.h"
 #include "kms_buf.h"
+#include "kms_curl_cut.h"
 #include "kms_error.h"
 #include "kms_result.h"
 #include "kms_secmem.h"
@@ -380,6 +381,13 @@ static kms_result transport_fail(kmsctl_http *c, CURLcode rc)
                     "TLS failure (the server requires or refused the client certificate): %s",
                     detail);
     case CURLE_SSL_CONNECT_ERROR:
+        if (kms_curl_handshake_cut(detail)) {
+            return fail(KMS_ERR_UNAVAILABLE,
+                        "kmsd at %s closed the connection during the TLS handshake (stopping, "
+                        "restarting, or at its connection limit; try again): %s",
+                        url, detail);
+        }
+        return fail(KMS_ERR_UNAUTHENTICATED, "TLS failure (handshake): %s", detail);
     case CURLE_SSL_CIPHER:
     case CURLE_USE_SSL_FAILED:
     case CURLE_SSL_ENGINE_NOTFOUND:

@@ -87,6 +87,7 @@ hsm_token_uri = pkcs11:token=kmsctl-test
 hsm_pin_file = $tmp/pin
 workers = threads:4
 log_level = warn
+${KMSD_EXTRA:-}
 CONF
     "$kmsd" --config "$tmp/kmsd.conf" 2>>"$tmp/kmsd.log" &
     kmsd_pid=$!
@@ -287,6 +288,20 @@ check "SIGHUP applies the new CRL" until_rc 77 "$kmsctl" "${bill[@]}" health
 expect 77 "a revoked application is refused" "$kmsctl" "${bill[@]}" wrap billing-dek \
     --in @"$tmp/dek"
 expect 0 "other clients still served" as app wrap t-enc --in @"$tmp/dek"
+
+# ---- a server at its connection limit ----
+# kmsd closes a connection over per_ip_connection_limit as soon as it is
+# accepted: the client's handshake is cut. That is "not available now"
+# (69, try again), not a TLS failure (77).
+stop_kmsd
+KMSD_EXTRA="per_ip_connection_limit = 1" start_kmsd "$port"
+check "kmsd back with a limit of one connection" until_rc 0 as auditor health
+exec 3<>"/dev/tcp/127.0.0.1/$port"
+sleep 0.2
+expect 69 "over the connection limit" as auditor health
+check "a cut handshake says so" err_has "closed the connection during the TLS handshake"
+exec 3>&-
+check "served again once the connection is closed" until_rc 0 as auditor health
 
 # ---- server down ----
 stop_kmsd
