@@ -90,6 +90,9 @@ typedef struct {
 } kms_daemon_config;
 
 /* Defaults for every option (docs/config.md lists them). */
+/* The CPUs this process may run on (its affinity mask), 1 to
+ * KMS_CONFIG_WORKERS_MAX: what `workers = processes:auto` means. */
+unsigned kms_config_cpus(void);
 void kms_config_defaults(kms_daemon_config *cfg);
 /* Parses `key = value` lines; `#` starts a comment. name is used in error
  * messages ("name:line: what is wrong"), raised as KMS_ERR_CONFIG. */

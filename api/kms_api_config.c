@@ -5,17 +5,35 @@
  * it reads through explicit bounds, never trusts a NUL, and names the line of
  * every error.
  */
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include "kms_api.h"
 
 #include <errno.h>
 #include <inttypes.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+unsigned kms_config_cpus(void)
+{
+    cpu_set_t set;
+    long n = 0;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+        n = CPU_COUNT(&set);
+    }
+    if (n < 1) {
+        n = sysconf(_SC_NPROCESSORS_ONLN);
+    }
+    if (n < 1) {
+        n = 1;
+    }
+    return n > KMS_CONFIG_WORKERS_MAX ? KMS_CONFIG_WORKERS_MAX : (unsigned)n;
+}
 
 void kms_config_defaults(kms_daemon_config *cfg)
 {
@@ -243,6 +261,9 @@ static kms_result set_option(kms_daemon_config *cfg, const opt_spec *o, const ch
         cfg->listen_count++;
         return KMS_OK_RESULT;
     case OPT_WORKERS: {
+        /* N, or auto: the CPUs this process may run on (its affinity mask,
+         * which taskset and cgroup cpusets narrow), as nginx's
+         * worker_processes auto. */
         const char *colon = memchr(v, ':', n);
         KMS_ENSURE_MSG(colon != NULL, KMS_ERR_CONFIG,
                        "%s:%u: workers: expected threads:N or processes:N", name, line);
@@ -257,9 +278,13 @@ static kms_result set_option(kms_daemon_config *cfg, const opt_spec *o, const ch
         }
         v = colon + 1;
         n -= kind_len + 1;
+        if (n == 4 && memcmp(v, "auto", 4) == 0) {
+            cfg->workers = kms_config_cpus();
+            return KMS_OK_RESULT;
+        }
         KMS_ENSURE_MSG(parse_scaled(v, n, NULL, NULL, &num) && num >= o->min && num <= o->max,
-                       KMS_ERR_CONFIG, "%s:%u: workers: N must be %" PRIu64 "..%" PRIu64, name,
-                       line, o->min, o->max);
+                       KMS_ERR_CONFIG, "%s:%u: workers: N must be %" PRIu64 "..%" PRIu64 " or auto",
+                       name, line, o->min, o->max);
         cfg->workers = (unsigned)num;
         return KMS_OK_RESULT;
     }

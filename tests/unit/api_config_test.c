@@ -1,7 +1,9 @@
 /* The kmsd configuration parser: every option, every class of error, and
  * error messages that name file:line. */
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
 #include "kms_api.h"
 
+#include <sched.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -105,6 +107,8 @@ static void test_errors(void **state)
     expect_error("workers = threads\n", "t.conf:1: workers");
     expect_error("workers = forks:2\n", "t.conf:1: workers");
     expect_error("workers = threads:0\n", "t.conf:1: workers");
+    expect_error("workers = processes:autox\n", "t.conf:1: workers: N must be 1..256 or auto");
+    expect_error("workers = processes:\n", "t.conf:1: workers");
     expect_error("max_batch_items = 1001\n", "t.conf:1: max_batch_items: must be between");
     expect_error("thread_spill_ms = 60001\n", "t.conf:1: thread_spill_ms: must be between");
     expect_error("max_body_bytes = -5\n", "t.conf:1: max_body_bytes");
@@ -117,6 +121,37 @@ static void test_errors(void **state)
     expect_error("log_level = loud\n", "t.conf:1: log_level");
     expect_error("tls_cert =\n", "t.conf:1: tls_cert: empty value");
     expect_error("\n\n\nconnection_timeout = 1w\n", "t.conf:4: connection_timeout");
+}
+
+/* auto: one per CPU the process may run on, counted here independently of
+ * the parser, and narrowed by the affinity mask as taskset would. */
+static void test_workers_auto(void **state)
+{
+    (void)state;
+    cpu_set_t all;
+    assert_int_equal(sched_getaffinity(0, sizeof(all), &all), 0);
+    kms_daemon_config cfg;
+    assert_int_equal(parse("workers = processes:auto\n", &cfg).err, KMS_OK);
+    assert_int_equal(cfg.workers_mode, KMS_WORKERS_PROCESSES);
+    assert_int_equal(cfg.workers, CPU_COUNT(&all));
+    assert_int_equal(parse("workers = threads:auto\n", &cfg).err, KMS_OK);
+    assert_int_equal(cfg.workers_mode, KMS_WORKERS_THREADS);
+    assert_int_equal(cfg.workers, CPU_COUNT(&all));
+    /* One CPU of the mask: auto follows it. */
+    int first = -1;
+    for (int c = 0; c < CPU_SETSIZE && first < 0; c++) {
+        if (CPU_ISSET(c, &all)) {
+            first = c;
+        }
+    }
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(first, &one);
+    assert_int_equal(sched_setaffinity(0, sizeof(one), &one), 0);
+    kms_result r = parse("workers = processes:auto\n", &cfg);
+    assert_int_equal(sched_setaffinity(0, sizeof(all), &all), 0);
+    assert_int_equal(r.err, KMS_OK);
+    assert_int_equal(cfg.workers, 1);
 }
 
 static void test_validate(void **state)
@@ -193,6 +228,7 @@ int main(void)
         cmocka_unit_test(test_full_config),
         cmocka_unit_test(test_defaults),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_workers_auto),
         cmocka_unit_test(test_validate),
         cmocka_unit_test(test_audit_options),
         cmocka_unit_test(test_load_missing_file),
