@@ -383,7 +383,7 @@ static int supervise(const kms_daemon_config *cfg, const int *fds, size_t nfds)
             break;
         }
     }
-    kms_log(KMS_LOG_INFO, "%u workers serving", n);
+    kms_log(KMS_LOG_INFO, "%u worker%s serving", n, n == 1 ? "" : "s");
     unsigned alive = n;
     struct timespec stop_at;
     clock_gettime(CLOCK_MONOTONIC, &stop_at);
