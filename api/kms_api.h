@@ -146,8 +146,8 @@ KMS_RESULT kms_api_metrics_share(void);
 /* In worker idx (below KMS_CONFIG_WORKERS_MAX), after the fork: where it
  * counts its HSM and audit work (kms_hsm_config.counters,
  * kms_audit_config.counters). A restarted worker gets its slot back and
- * counts on from there. NULL for both without a shared mapping (threads
- * mode: the counters stay in the HSM handle and the audit). */
+ * counts on from there. Without a shared mapping (threads mode), the
+ * process's own slot, whatever idx. */
 struct kms_hsm_counters;
 struct kms_audit_counters;
 void kms_api_metrics_slot(size_t idx, struct kms_hsm_counters **hsm,

@@ -277,16 +277,20 @@ KMS_RESULT kms_api_metrics_share(void)
     return KMS_OK_RESULT;
 }
 
+/* Without a shared mapping (threads mode), the one process's slot. */
+static worker_slot local_slot;
+
 void kms_api_metrics_slot(size_t idx, kms_hsm_counters **hsm, kms_audit_counters **audit)
 {
-    bool ok = shared_metrics != NULL && idx < KMS_CONFIG_WORKERS_MAX;
-    *hsm = ok ? &shared_metrics->slots[idx].hsm : NULL;
-    *audit = ok ? &shared_metrics->slots[idx].audit : NULL;
+    worker_slot *w = shared_metrics == NULL         ? &local_slot
+                     : idx < KMS_CONFIG_WORKERS_MAX ? &shared_metrics->slots[idx]
+                                                    : NULL;
+    *hsm = w != NULL ? &w->hsm : NULL;
+    *audit = w != NULL ? &w->audit : NULL;
 }
 
-/* Every worker's HSM and audit counters (a slot each), or this process's
- * own where there is no shared mapping. The audit's are zero when it is
- * off. */
+/* Every worker's HSM and audit counters (a slot each). The audit's are
+ * zero when it is off. */
 typedef struct {
     uint64_t hsm_calls, hsm_errors, hsm_ns, hsm_recoveries, cache_hits, cache_misses;
     uint64_t records, refused, sync_ns, wait_ns;
@@ -315,25 +319,14 @@ static void counters_add_audit(counters_sum *t, const kms_audit_counters *c)
     }
 }
 
-static void counters_total(kms *k, const kms_hsm_stats *own_hsm, counters_sum *t)
+static void counters_total(counters_sum *t)
 {
     memset(t, 0, sizeof(*t));
-    if (shared_metrics != NULL) {
-        for (size_t i = 0; i < KMS_CONFIG_WORKERS_MAX; i++) {
-            counters_add_hsm(t, &shared_metrics->slots[i].hsm);
-            counters_add_audit(t, &shared_metrics->slots[i].audit);
-        }
-        return;
-    }
-    t->hsm_calls = own_hsm->calls;
-    t->hsm_errors = own_hsm->errors;
-    t->hsm_ns = own_hsm->call_ns;
-    t->hsm_recoveries = own_hsm->recoveries;
-    t->cache_hits = own_hsm->cache_hits;
-    t->cache_misses = own_hsm->cache_misses;
-    const kms_audit_counters *ac = kms_audit_counters_of(k);
-    if (ac != NULL) {
-        counters_add_audit(t, ac);
+    const worker_slot *w = shared_metrics != NULL ? shared_metrics->slots : &local_slot;
+    size_t n = shared_metrics != NULL ? KMS_CONFIG_WORKERS_MAX : 1;
+    for (size_t i = 0; i < n; i++) {
+        counters_add_hsm(t, &w[i].hsm);
+        counters_add_audit(t, &w[i].audit);
     }
 }
 
@@ -1439,7 +1432,7 @@ static kms_result metrics_text(kms_api_server *s, kms_buf *b)
     if (kms_is_ok(kms_stats_get(s->k, &st))) {
         /* Every worker's (counters_total), not only this one's. */
         counters_sum t;
-        counters_total(s->k, &st.hsm, &t);
+        counters_total(&t);
         EMIT("# HELP kmsd_hsm_calls_total PKCS#11 calls made.\n# TYPE kmsd_hsm_calls_total "
              "counter\nkmsd_hsm_calls_total %" PRIu64 "\n",
              t.hsm_calls);

@@ -1396,11 +1396,6 @@ bool kms_audit_enabled(kms *k)
     return k->audit != NULL && k->audit->cfg.enabled;
 }
 
-const kms_audit_counters *kms_audit_counters_of(kms *k)
-{
-    return k != NULL && kms_audit_enabled(k) ? k->audit->c : NULL;
-}
-
 /* Opens the store's journal, rebuilds its header if it may be stale, and
  * moves whatever an earlier run left in it into the store, so that the
  * store is whole before the first request. */

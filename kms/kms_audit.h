@@ -107,8 +107,6 @@ KMS_RESULT kms_audit_start(kms *k, const kms_audit_config *cfg);
 /* Drains the queue and stops the committer. kms_close calls it. */
 void kms_audit_stop(kms *k);
 bool kms_audit_enabled(kms *k);
-/* The counters of a started, enabled audit; NULL otherwise. */
-const kms_audit_counters *kms_audit_counters_of(kms *k);
 
 /* Moves every record journaled by any process into the store (readers of
  * the trail and kms_backup do this first). A no-op when the audit is off

@@ -178,8 +178,8 @@ static void *scheduler_main(void *arg)
 static int run_worker(const kms_daemon_config *cfg, const int *fds, size_t nfds, unsigned threads,
                       size_t idx, int ready_fd)
 {
-    /* Worker idx counts its HSM and audit work in its slot of the shared
-     * metrics (processes mode), so that /metrics adds up every worker's. */
+    /* Worker idx counts its HSM and audit work in its metrics slot (shared
+     * in processes mode), so that /metrics adds up every worker's. */
     struct kms_hsm_counters *hsm_counters;
     struct kms_audit_counters *audit_counters;
     kms_api_metrics_slot(idx, &hsm_counters, &audit_counters);
