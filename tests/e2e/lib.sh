@@ -24,15 +24,7 @@ pg_up=0
 bg_pids=()
 
 e2e_stop_kmsd() {
-    if [ -n "$kmsd_pid" ] && kill -0 "$kmsd_pid" 2>/dev/null; then
-        kill -TERM "$kmsd_pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$kmsd_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$kmsd_pid" 2>/dev/null || true
-        wait "$kmsd_pid" 2>/dev/null || true
-    fi
+    kms_fixture_stop
     kmsd_pid=""
 }
 
@@ -135,45 +127,25 @@ e2e_start_kmsd() { # [PORT]: a fixed port to restart on
     local want=${1:-}
     if [ ! -d "$tmp/pki" ]; then
         "$src/certs/make-dev-pki" "$tmp/pki" >/dev/null
-        mkdir -p "$tmp/lmdb"
+        mkdir -p "$tmp/store"
         kms_fixture_token "$tmp" rx-e2e "$kms_token" "$module"
         kms_fixture_policy "$tmp/policy.json"
     fi
-    local attempt candidate
-    for attempt in 1 2 3 4 5 6 7 8; do
-        candidate=${want:-$((20000 + (RANDOM * 7 + attempt * 997) % 40000))}
-        if [ -z "$want" ] && (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null; then continue; fi
-        cat >"$tmp/kmsd.conf" <<CONF
-listen = 127.0.0.1:$candidate
-tls_cert = $tmp/pki/server.crt
-tls_key = $tmp/pki/server.key
-tls_ca = $tmp/pki/ca.crt
-policy = $tmp/policy.json
-store_path = $tmp/lmdb
-hsm_module = $module
-hsm_token_uri = pkcs11:token=rx-e2e
-hsm_pin_file = $tmp/pin
-workers = ${E2E_KMSD_WORKERS:-processes:2}
-scheduler_interval = 0
-log_level = warn
-CONF
-        "$kmsd" --config "$tmp/kmsd.conf" 2>>"$tmp/kmsd.log" &
-        kmsd_pid=$!
-        for _ in $(seq 1 150); do
-            kill -0 "$kmsd_pid" 2>/dev/null || break
-            if api GET auditor /healthz "" "https://127.0.0.1:$candidate" >/dev/null 2>&1; then
-                kmsd_port=$candidate
-                export KMSCTL_URL=https://127.0.0.1:$candidate
-                return 0
-            fi
-            sleep 0.1
-        done
-        e2e_stop_kmsd
-        [ -n "$want" ] && sleep 1
-    done
-    echo "kmsd did not come up; its log:" >&2
-    cat "$tmp/kmsd.log" >&2
-    exit 1
+    kms_fixture_serve "$tmp" "$kmsd" e2e_kmsd_conf e2e_kmsd_probe "$want" || exit 1
+    kmsd_pid=$kms_fixture_pid
+    kmsd_port=$kms_fixture_port
+    export KMSCTL_URL=https://127.0.0.1:$kmsd_port
+}
+
+e2e_kmsd_conf() { # PORT
+    kms_fixture_conf "$tmp" "$1" rx-e2e "$module"
+    echo "workers = ${E2E_KMSD_WORKERS:-processes:2}"
+    echo "scheduler_interval = 0"
+    echo "log_level = warn"
+}
+
+e2e_kmsd_probe() { # PORT
+    api GET auditor /healthz "" "https://127.0.0.1:$1"
 }
 
 # api METHOD ROLE PATH [BODY|@FILE|-] [URL]: curl against kmsd; body on stdout.

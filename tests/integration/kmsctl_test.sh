@@ -14,28 +14,7 @@ module=${KMS_SOFTHSM_MODULE:?}
 # shellcheck source=../lib/kms-fixture.sh
 . "$src/tests/lib/kms-fixture.sh"
 
-tmp=$(mktemp -d)
-kmsd_pid=""
-stop_kmsd() {
-    if [ -n "$kmsd_pid" ] && kill -0 "$kmsd_pid" 2>/dev/null; then
-        kill -TERM "$kmsd_pid" 2>/dev/null || true
-        for _ in $(seq 1 100); do
-            kill -0 "$kmsd_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$kmsd_pid" 2>/dev/null; then
-            echo "kmsd did not stop on SIGTERM within 10 s" >&2
-            kill -KILL "$kmsd_pid" 2>/dev/null || true
-        fi
-        wait "$kmsd_pid" 2>/dev/null || true
-    fi
-    kmsd_pid=""
-}
-cleanup() {
-    stop_kmsd
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
+kms_fixture_tempdir
 
 fails=0
 checks=0
@@ -68,29 +47,16 @@ err_has() { grep -qF -- "$1" "$tmp/err"; }
 # ---- fixture: PKI, token, store, policy, config ----
 pki=$tmp/pki
 "$src/certs/make-dev-pki" "$pki" >/dev/null
-mkdir -p "$tmp/lmdb"
+mkdir -p "$tmp/store"
 kms_fixture_token "$tmp" kmsctl-test "$kms_token" "$module"
 # app may use t-* keys only, so "forbidden" on another key is testable.
 kms_fixture_policy "$tmp/policy.json" 't-*'
 
-start_kmsd() { # PORT
-    cat >"$tmp/kmsd.conf" <<CONF
-listen = 127.0.0.1:$1
-tls_cert = $pki/server.crt
-tls_key = $pki/server.key
-tls_ca = $pki/ca.crt
-tls_crl = $pki/crl.pem
-policy = $tmp/policy.json
-store_path = $tmp/lmdb
-hsm_module = $module
-hsm_token_uri = pkcs11:token=kmsctl-test
-hsm_pin_file = $tmp/pin
-workers = threads:4
-log_level = warn
-${KMSD_EXTRA:-}
-CONF
-    "$kmsd" --config "$tmp/kmsd.conf" 2>>"$tmp/kmsd.log" &
-    kmsd_pid=$!
+conf() { # PORT
+    kms_fixture_conf "$tmp" "$1" kmsctl-test "$module"
+    echo "workers = threads:4"
+    echo "log_level = warn"
+    if [ -n "${KMSD_EXTRA:-}" ]; then printf '%s\n' "$KMSD_EXTRA"; fi
 }
 
 export KMSCTL_CACERT=$pki/ca.crt
@@ -100,26 +66,10 @@ as() { # ROLE kmsctl-args...
     "$kmsctl" --cert "$pki/$role.crt" --key "$pki/$role.key" "$@"
 }
 
-port=""
-for attempt in 1 2 3 4 5; do
-    candidate=$((20000 + (RANDOM * 7 + attempt * 997) % 40000))
-    # A port something already answers on is taken.
-    if (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null; then continue; fi
-    start_kmsd "$candidate"
-    export KMSCTL_URL=https://127.0.0.1:$candidate
-    for _ in $(seq 1 100); do
-        if ! kill -0 "$kmsd_pid" 2>/dev/null; then break; fi
-        if as auditor health >/dev/null 2>&1; then port=$candidate; break; fi
-        sleep 0.1
-    done
-    [ -n "$port" ] && break
-    stop_kmsd
-done
-if [ -z "$port" ]; then
-    echo "kmsd did not come up; its log:" >&2
-    cat "$tmp/kmsd.log" >&2
-    exit 1
-fi
+probe() { as auditor --url "https://127.0.0.1:$1" health; }
+kms_fixture_serve "$tmp" "$kmsd" conf probe
+port=$kms_fixture_port
+export KMSCTL_URL=https://127.0.0.1:$port
 
 # ---- health ----
 expect 0 "health" as auditor health
@@ -277,13 +227,13 @@ until_rc() {
     done
     return 1
 }
-kill -HUP "$kmsd_pid"
+kill -HUP "$kms_fixture_pid"
 check "SIGHUP applies the new rule" until_rc 0 "$kmsctl" "${bill[@]}" wrap billing-dek \
     --in @"$tmp/dek"
 expect 0 "billing wraps its key" "$kmsctl" "${bill[@]}" wrap billing-dek --in @"$tmp/dek"
 expect 77 "billing is limited to billing-*" "$kmsctl" "${bill[@]}" wrap t-enc --in @"$tmp/dek"
 "$src/certs/revoke-client" billing "$pki" >/dev/null
-kill -HUP "$kmsd_pid"
+kill -HUP "$kms_fixture_pid"
 check "SIGHUP applies the new CRL" until_rc 77 "$kmsctl" "${bill[@]}" health
 expect 77 "a revoked application is refused" "$kmsctl" "${bill[@]}" wrap billing-dek \
     --in @"$tmp/dek"
@@ -293,8 +243,8 @@ expect 0 "other clients still served" as app wrap t-enc --in @"$tmp/dek"
 # kmsd closes a connection over per_ip_connection_limit as soon as it is
 # accepted: the client's handshake is cut. That is "not available now"
 # (69, try again), not a TLS failure (77).
-stop_kmsd
-KMSD_EXTRA="per_ip_connection_limit = 1" start_kmsd "$port"
+kms_fixture_stop
+KMSD_EXTRA="per_ip_connection_limit = 1" kms_fixture_serve "$tmp" "$kmsd" conf probe "$port"
 check "kmsd back with a limit of one connection" until_rc 0 as auditor health
 exec 3<>"/dev/tcp/127.0.0.1/$port"
 sleep 0.2
@@ -304,7 +254,7 @@ exec 3>&-
 check "served again once the connection is closed" until_rc 0 as auditor health
 
 # ---- server down ----
-stop_kmsd
+kms_fixture_stop
 expect 69 "server down" as app health
 check "connection failure says so" err_has "cannot reach kmsd"
 expect 69 "server down: data verb" as app wrap t-enc --in @"$tmp/dek"

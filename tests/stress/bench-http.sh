@@ -32,14 +32,10 @@ module=${KMS_SOFTHSM_MODULE:-/usr/lib/softhsm/libsofthsm2.so}
 . "$here/tests/lib/kms-fixture.sh"
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/kms-bench-http-XXXXXX")
-kmsd_pid=""
 cleanup() {
-    if [ -n "$kmsd_pid" ] && kill -0 "$kmsd_pid" 2>/dev/null; then
-        # kmsd runs in a process group of its own (setsid below): stop the
-        # whole group, worker processes included.
-        kill -TERM -- "-$kmsd_pid" 2>/dev/null || kill -TERM "$kmsd_pid" 2>/dev/null || true
-        wait "$kmsd_pid" 2>/dev/null || true
-    fi
+    # kmsd runs in a process group of its own (setsid below): the whole
+    # group is stopped, worker processes included.
+    kms_fixture_stop
     [ -n "${KMSD_LOG_KEEP:-}" ] && cp "$tmp/kmsd.log" "$KMSD_LOG_KEEP" 2>/dev/null; rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -51,20 +47,16 @@ kms_fixture_token "$tmp" "$label" "$build/tools/kms-token" "$module"
 kms_fixture_policy "$tmp/policy.json"
 
 write_conf() { # PORT
-    echo "listen = 127.0.0.1:$1"
-    echo "tls_cert = $tmp/pki/server.crt"
-    echo "tls_key = $tmp/pki/server.key"
-    echo "tls_ca = $tmp/pki/ca.crt"
-    echo "policy = $tmp/policy.json"
-    echo "store_path = $tmp/store"
-    echo "hsm_module = $module"
-    echo "hsm_token_uri = pkcs11:token=$label"
-    echo "hsm_pin_file = $tmp/pin"
+    kms_fixture_conf "$tmp" "$1" "$label" "$module"
     if [ -n "${WORKERS:-}" ]; then echo "workers = $WORKERS"; fi
     if [ -n "${KMSD_CONF_EXTRA:-}" ]; then printf '%s\n' "$KMSD_CONF_EXTRA"; fi
     # AUDIT=off: kmsd's benchmark-only switch (docs/audit.md), to measure
     # what the durable audit trail costs.
     if [ -n "${AUDIT:-}" ]; then echo "audit = $AUDIT"; fi
+}
+probe() {
+    curl -fsS --cacert "$pki/ca.crt" --cert "$pki/app.crt" --key "$pki/app.key" \
+        "https://127.0.0.1:$1/healthz"
 }
 
 # Its own process group, so kms-bench sums the CPU of every worker process.
@@ -72,37 +64,12 @@ perf_cmd=()
 if [ -n "${PERF_DATA:-}" ]; then perf_cmd=(perf record -q ${PERF_CALLGRAPH:--g} -F "${PERF_FREQ:-499}" -o "$PERF_DATA" --); fi
 if [ -n "${STRACE_OUT:-}" ]; then perf_cmd=(strace -f -qq -e trace=pwrite64,pwritev,write,writev,fdatasync -o "$STRACE_OUT" --); fi
 pki=$tmp/pki
-port=""
-# A random loopback port; another one if it is taken (kmsd exits when it
-# cannot listen) or kmsd does not answer.
-for attempt in 1 2 3 4 5; do
-    candidate=$((20000 + (RANDOM * 7 + attempt * 997) % 40000))
-    if (exec 3<>"/dev/tcp/127.0.0.1/$candidate") 2>/dev/null; then continue; fi
-    write_conf "$candidate" >"$tmp/kmsd.conf"
-    setsid "${perf_cmd[@]}" "$build/tools/kmsd" --config "$tmp/kmsd.conf" 2>>"$tmp/kmsd.log" &
-    kmsd_pid=$!
-    for _ in $(seq 1 100); do
-        kill -0 "$kmsd_pid" 2>/dev/null || break
-        if curl -fsS --cacert "$pki/ca.crt" --cert "$pki/app.crt" --key "$pki/app.key" \
-            "https://127.0.0.1:$candidate/healthz" >/dev/null 2>&1; then
-            port=$candidate
-            break
-        fi
-        sleep 0.1
-    done
-    [ -n "$port" ] && break
-    kill -TERM -- "-$kmsd_pid" 2>/dev/null || kill -TERM "$kmsd_pid" 2>/dev/null || true
-    wait "$kmsd_pid" 2>/dev/null || true
-    kmsd_pid=""
-done
-if [ -z "$port" ]; then
-    echo "bench-http: kmsd did not come up; its log:" >&2
-    cat "$tmp/kmsd.log" >&2
-    exit 1
-fi
+kms_fixture_launch=(setsid "${perf_cmd[@]}")
+kms_fixture_serve "$tmp" "$build/tools/kmsd" write_conf probe
+port=$kms_fixture_port
 
 "$build/tools/kms-bench" http --url "https://127.0.0.1:$port" \
     --cert "$pki/app.crt" --key "$pki/app.key" --cacert "$pki/ca.crt" \
     --admin-cert "$pki/admin.crt" --admin-key "$pki/admin.key" \
-    --server-pid "$kmsd_pid" \
+    --server-pid "$kms_fixture_pid" \
     --module "$module" --token-uri "pkcs11:token=$label" --pin-file "$tmp/pin" "$@"
