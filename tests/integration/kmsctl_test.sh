@@ -246,8 +246,22 @@ expect 0 "other clients still served" as app wrap t-enc --in @"$tmp/dek"
 kms_fixture_stop
 KMSD_EXTRA="per_ip_connection_limit = 1" kms_fixture_serve "$tmp" "$kmsd" conf probe "$port"
 check "kmsd back with a limit of one connection" until_rc 0 as auditor health
-exec 3<>"/dev/tcp/127.0.0.1/$port"
-sleep 0.2
+# Hold one connection open. kmsd may not yet have closed the last client's
+# connection when it accepts this one, and then refuses it: open it again
+# until kmsd keeps it (a read that times out; end of file means refused).
+held=0
+for _ in $(seq 1 20); do
+    exec 3<>"/dev/tcp/127.0.0.1/$port"
+    rc=0
+    read -r -t 0.3 -u 3 _ || rc=$?
+    if [ "$rc" -gt 128 ]; then
+        held=1
+        break
+    fi
+    exec 3>&-
+    sleep 0.1
+done
+check "kmsd keeps one connection open" test "$held" = 1
 expect 69 "over the connection limit" as auditor health
 check "a cut handshake says so" err_has "closed the connection during the TLS handshake"
 exec 3>&-
