@@ -3,6 +3,13 @@
 kms_add_test(kmsctl_args_test SOURCES unit/kmsctl_args_test.c LIBS kmsctl_core LABELS unit)
 kms_add_test(kmsctl_out_test SOURCES unit/kmsctl_out_test.c LIBS kmsctl_core LABELS unit)
 kms_add_test(kmsctl_report_test SOURCES unit/kmsctl_report_test.c LIBS kmsctl_core LABELS unit)
+# verify-export reads what an auditor was handed: seeds from a real export
+# (fuzz/make_export_seeds.sh); each run writes and verifies a directory.
+kms_add_fuzz(fuzz_export
+  SOURCES fuzz/fuzz_export.c
+  LIBS kmsctl_core
+  CORPUS fuzz/corpus/fuzz_export
+  MUTATIONS 3000)
 
 find_program(KMS_OPENSSL_CLI openssl REQUIRED)
 add_test(NAME pki_test COMMAND bash ${KMS_TEST_SOURCE_DIR}/integration/pki_test.sh)

@@ -11,6 +11,8 @@
 #include <stdlib.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+/* Optional: once per process, before the first input. */
+int LLVMFuzzerInitialize(int *argc, char ***argv);
 
 #define CHECK(c)     \
     do {             \
