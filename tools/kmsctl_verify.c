@@ -20,6 +20,7 @@
 #include "kms_hash.h"
 
 #include <jansson.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/x509.h>
@@ -95,13 +96,20 @@ static bool hex_to_hash(const char *hex, uint8_t out[V_HASH])
            kms_is_ok(kms_hex_decode(hex, 2 * V_HASH, out, V_HASH));
 }
 
+/* On an empty error queue: OpenSSL 3's PEM reader skips a block it cannot
+ * decode only when the first error queued is its own "unsupported", so an
+ * error left by an earlier call (a bad public-key.pem read before the pinned
+ * key) would make a readable key unreadable (found by fuzz_export). */
 static EVP_PKEY *pem_key(const kms_buf *b)
 {
+    ERR_clear_error();
     BIO *bio = BIO_new_mem_buf(b->data, (int)b->len);
     if (bio == NULL)
         return NULL;
     EVP_PKEY *k = PEM_read_bio_PUBKEY(bio, NULL, NULL, NULL);
     BIO_free(bio);
+    if (k == NULL)
+        ERR_clear_error();
     return k;
 }
 
