@@ -38,4 +38,8 @@ if(COMMAND kms_add_fuzz)
     LIBS kms_core
     CORPUS fuzz/corpus/fuzz_journal
     MUTATIONS 3000)
+  kms_add_fuzz(fuzz_record
+    SOURCES fuzz/fuzz_record.c
+    LIBS kms_core
+    CORPUS fuzz/corpus/fuzz_record)
 endif()

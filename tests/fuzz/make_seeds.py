@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Writes the seed corpora of fuzz_token, fuzz_base64 and fuzz_journal.
+"""Writes the seed corpora of fuzz_token, fuzz_base64, fuzz_journal and fuzz_record.
 
 The tokens are well-formed (format: docs/ciphertext-format.md) with
 arbitrary nonce/ciphertext/tag bytes: the codec does not decrypt, so the
 seeds need no key. The journals are chained audit frames (format:
-kms/kms_journal.h). Run from anywhere; rewrites tests/fuzz/corpus/fuzz_*/.
+kms/kms_journal.h). The records are LMDB values and keys (kms/kms_record.c,
+format v1, big-endian), each behind the byte that picks its decoder. Run
+from anywhere; rewrites tests/fuzz/corpus/fuzz_*/.
 """
 import base64
 import hashlib
@@ -87,3 +89,57 @@ write(
     journal(41, 2, prev=bytes(range(32))) + b"KRM1" + b"\x90\x00\x00\x00" + b"\x5a" * 60,
 )
 write("fuzz_journal", "empty.bin", b"")
+
+
+# fuzz_record: the first byte picks the decoder (0 key, 1 version, 2 master,
+# 3 rotation, 4 versions key, 5 masters key).
+def u8(v):
+    return struct.pack(">B", v)
+
+
+def u16(v):
+    return struct.pack(">H", v)
+
+
+def u32(v):
+    return struct.pack(">I", v)
+
+
+def u64(v):
+    return struct.pack(">Q", v % (1 << 64))
+
+
+def rstr(s):
+    return u16(len(s)) + s
+
+
+def key_rec(purpose=1, primary=2, latest=3, min_dec=1, period=90 * 86400, protect=1):
+    return (u8(1) + u8(purpose) + u32(primary) + u32(latest) + u32(min_dec) + u64(period)
+            + u64(7 * 86400) + u8(protect) + u64(1700000000) + u64(1707776000))
+
+
+def version_rec(state=1, wrapped=bytes(range(60))):
+    return (u8(1) + u8(state) + bytes(range(16)) + u32(1) + u64(1700000000) + u64(1700000001)
+            + u64(0) + u64(0) + u64(0) + u64(1700000500) + u64(12345) + u16(len(wrapped))
+            + wrapped)
+
+
+def master_rec(state=2):
+    return u8(1) + bytes(range(100, 116)) + u8(state) + u64(1700000000) + u64(0)
+
+
+def rotation_rec(key=b"orders", rtype=3, status=2, reason=b"key compromised"):
+    return (u8(1) + b"0123456789abcdef0123456789abcdef" + rstr(key) + u32(1) + u32(2) + u8(rtype)
+            + u8(status) + rstr(b"spiffe://kmsd.dev/admin") + u64(1700000000) + u64(1700000042)
+            + rstr(reason) + u32(4242))
+
+
+write("fuzz_record", "key.bin", u8(0) + key_rec())
+write("fuzz_record", "key-mac-unprotected.bin", u8(0) + key_rec(purpose=2, primary=1, latest=1, min_dec=0, period=-1, protect=0))
+write("fuzz_record", "version-active.bin", u8(1) + version_rec())
+write("fuzz_record", "version-destroyed.bin", u8(1) + version_rec(state=5, wrapped=b""))
+write("fuzz_record", "master.bin", u8(2) + master_rec())
+write("fuzz_record", "rotation-emergency.bin", u8(3) + rotation_rec())
+write("fuzz_record", "rotation-master.bin", u8(3) + rotation_rec(key=b"", rtype=5, status=1, reason=b""))
+write("fuzz_record", "versions-key.bin", u8(4) + b"orders" + b"\x00" + u32(7))
+write("fuzz_record", "masters-key.bin", u8(5) + u32(3))
